@@ -1,0 +1,1 @@
+"""Pretrained backbones (timm), the hooks that prompt and adapt them, and weight loading."""

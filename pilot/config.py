@@ -1,0 +1,96 @@
+"""Configuration helpers: custom resolvers, and validation that runs before any expensive work."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from pilot.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Arguments the run loop passes to these config nodes itself (not set in YAML).
+INJECTED_ARGS = {"method": {"backbone", "scenario", "runtime"}, "scenario": {"num_classes"}}
+INSTANTIATED_GROUPS = ("dataset", "scenario", "backbone", "transforms", "runtime", "method")
+
+
+def per_dataset(table: dict[str, Any], default: Any, *, _root_: DictConfig) -> Any:
+    """Resolver ``${per_dataset:{imagenet_r: 50}, 20}``: the value for the chosen dataset, else the default.
+
+    Method configs use it for the reference settings that differ between datasets (epochs, batch
+    sizes, learning rates), keeping all of a method's defaults in its one YAML file.
+    """
+    return table.get(str(_root_.labels.dataset), default)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("per_dataset"):
+        OmegaConf.register_new_resolver("per_dataset", per_dataset)
+
+
+def available_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail fast, with a message that says how to fix it, on the mistakes a user can make in YAML or
+    on the command line that Hydra itself lets through."""
+    if "method" not in cfg or cfg.method is None:
+        raise ConfigError(f"No method chosen. Add +method=NAME, one of: {', '.join(available_options('method'))}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"These config values are mandatory and not set: {', '.join(missing)} "
+                          f"(e.g. {missing[0]}=<value> on the command line)")
+    for group in INSTANTIATED_GROUPS:
+        _check_target_arguments(group, cfg[group])
+    for name, sink in (cfg.get("logger") or {}).items():
+        _check_target_arguments(f"logger.{name}", sink)
+
+
+def _check_target_arguments(path: str, node: Any) -> None:
+    """Every key of a ``_target_`` node must be a parameter of the target callable."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"config '{path}' must be a mapping with a _target_ (got {type(node).__name__})")
+    try:
+        target = get_object(node._target_)
+    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"{path}._target_={node._target_} cannot be imported: {err}") from err
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = set(params) - {"self"}
+    unknown = sorted(k for k in node.keys() if not str(k).startswith("_") and k not in allowed)
+    if unknown:
+        settable = sorted(allowed - INJECTED_ARGS.get(path, set()))
+        raise ConfigError(f"{path}.{unknown[0]} is not a parameter of {node._target_}. "
+                          f"Its parameters are: {', '.join(settable)}")
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and check a file can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"Results directory {path} is not writable ({err.strerror}). "
+                          "Set paths.results_dir=<a writable folder> (or hydra.run.dir=...).") from err
+    return path
+
+
+def writable_dir_resolver(path: str) -> str:
+    """Resolver ``${writable_dir:PATH}`` used in ``hydra.run.dir``: checks before Hydra creates it."""
+    ensure_writable_dir(Path(os.path.expanduser(path)))
+    return path
+
+
+def to_plain(node: Any) -> Any:
+    """A resolved OmegaConf node as plain Python containers."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node

@@ -1,0 +1,1 @@
+"""Datasets, class-incremental scenarios and the input pipeline."""

@@ -1,0 +1,204 @@
+"""Batches for a session: the samples of a label range, class-sorted or shuffled, transformed.
+
+In-memory datasets are indexed directly (moved to the device once when ``runtime.data_on_device``)
+and transformed in whole batches on the device; image files are decoded and cropped by loader
+workers into uint8 tensors (pinned, persistent workers) and finished on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from pilot.data.images import ArrayImages, ClassificationData, FileImages
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.data.transforms import ImageTransforms
+from pilot.errors import DatasetError
+from pilot.runtime import Runtime
+
+TRAIN, TEST = "train", "test"
+
+
+class Batch:
+    """One batch: device images (transformed on first access), remapped labels and sample ids.
+
+    ``ids`` are indices into the split (``split``, which holds ``split_size`` samples), stable
+    across sessions, so that outputs of a frozen network on deterministic inputs
+    (``augmented=False``) can be cached by id.
+    """
+
+    def __init__(self, raw: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
+                 labels: torch.Tensor, ids: torch.Tensor, split: str, augmented: bool, split_size: int) -> None:
+        self._raw, self._prepare, self._images = raw, prepare, None
+        self.labels, self.ids, self.split, self.augmented = labels, ids, split, augmented
+        self.split_size = split_size
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            self._images = self._prepare(self._raw)
+            self._raw = None
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class _DecodedFiles(Dataset):
+    """Decodes and crops image files in loader workers; returns uint8 ``[3, S, S]`` and the index."""
+
+    def __init__(self, images: FileImages, indices: np.ndarray, transform: Callable) -> None:
+        self.images, self.indices, self.transform = images, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        index = int(self.indices[i])
+        path = self.images.paths[index]
+        try:
+            with Image.open(path) as img:
+                pixels = self.transform(img.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DatasetError(f"Cannot read image {path}: {err}. Remove or replace the file.") from None
+        return pixels, index
+
+
+class BatchStream:
+    """An iterable of :class:`Batch` over fixed sample indices; each iteration is one epoch."""
+
+    def __init__(self, pipeline: DataPipeline, split: str, indices: np.ndarray, batch_size: int,
+                 augment: bool, shuffle: bool, drop_last: bool) -> None:
+        self.pipeline, self.split, self.indices = pipeline, split, indices
+        self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self._loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[Batch]:
+        images = self.pipeline.images(self.split)
+        if isinstance(images, ArrayImages):
+            yield from self._iter_arrays()
+        else:
+            yield from self._iter_files(images)
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return self.indices
+        return self.indices[torch.randperm(len(self.indices)).numpy()]
+
+    def _iter_arrays(self) -> Iterator[Batch]:
+        p = self.pipeline
+        stored = p.device_arrays(self.split)
+        labels = p.device_labels(self.split)
+        prepare = p.transforms.train_batch if self.augment else p.transforms.test_batch
+        order = torch.from_numpy(self._order())
+        for b in range(len(self)):
+            ids = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.drop_last and len(ids) < self.batch_size:
+                break
+            ids_dev = ids.to(stored.device)
+            raw = stored[ids_dev]
+            if raw.device != p.runtime.device:
+                raw = raw.pin_memory().to(p.runtime.device, non_blocking=True) if p.runtime.is_cuda else raw
+            ids_dev = ids.to(p.runtime.device)
+            yield Batch(raw, p.finish(prepare), labels[ids_dev], ids_dev, self.split, self.augment, len(labels))
+
+    def _iter_files(self, images: FileImages) -> Iterator[Batch]:
+        p = self.pipeline
+        if self._loader is None:
+            transform = p.transforms.train_pil() if self.augment else p.transforms.test_pil()
+            workers = p.runtime.num_workers
+            self._loader = DataLoader(
+                _DecodedFiles(images, self.indices, transform), batch_size=self.batch_size,
+                shuffle=self.shuffle, drop_last=self.drop_last, num_workers=workers,
+                pin_memory=p.runtime.is_cuda, persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
+            )
+        labels = p.device_labels(self.split)
+        for pixels, ids in self._loader:
+            pixels = pixels.to(p.runtime.device, non_blocking=True)
+            ids = ids.to(p.runtime.device, non_blocking=True)
+            yield Batch(pixels, p.finish(p.transforms.finish), labels[ids], ids, self.split, self.augment, len(labels))
+
+
+@dataclass
+class SessionData:
+    """A session as a learner sees it: its :class:`SessionInfo` and access to its training data."""
+
+    info: SessionInfo
+    pipeline: DataPipeline
+
+    def train_batches(self, batch_size: int, augment: bool = True, shuffle: bool = True,
+                      drop_last: bool = False) -> BatchStream:
+        """Training images of the session's new classes (train transform by default)."""
+        return self.pipeline.batches(TRAIN, self.info.new_classes, batch_size, augment, shuffle, drop_last)
+
+    def prototype_batches(self, batch_size: int) -> BatchStream:
+        """Training images of the new classes with the test transform, class-sorted (prototype passes)."""
+        return self.pipeline.batches(TRAIN, self.info.new_classes, batch_size, augment=False, shuffle=False)
+
+
+class DataPipeline:
+    """Everything that turns a dataset and a scenario into device batches."""
+
+    def __init__(self, data: ClassificationData, scenario: Scenario, transforms: ImageTransforms,
+                 runtime: Runtime) -> None:
+        self.data, self.scenario, self.transforms, self.runtime = data, scenario, transforms, runtime
+        self._labels = {TRAIN: scenario.remap(data.train.labels), TEST: scenario.remap(data.test.labels)}
+        # Stable sort by remapped label: samples of class 0, then class 1, ... (the reference order).
+        self._sorted = {s: np.argsort(y, kind="stable") for s, y in self._labels.items()}
+        self._bounds = {s: np.searchsorted(y[self._sorted[s]], np.arange(scenario.num_classes + 1))
+                        for s, y in self._labels.items()}
+        self._device_arrays: dict[str, torch.Tensor] = {}
+        self._device_labels: dict[str, torch.Tensor] = {}
+
+    def images(self, split: str) -> ArrayImages | FileImages:
+        return self.data.train if split == TRAIN else self.data.test
+
+    def labels(self, split: str) -> np.ndarray:
+        """Remapped labels of every sample of ``split`` (indexed by sample id)."""
+        return self._labels[split]
+
+    def indices(self, split: str, classes: range) -> np.ndarray:
+        """Sample ids of ``split`` whose label is in ``classes``, class-sorted."""
+        bounds = self._bounds[split]
+        return self._sorted[split][bounds[classes.start]:bounds[classes.stop]]
+
+    def batches(self, split: str, classes: range, batch_size: int, augment: bool = False,
+                shuffle: bool = False, drop_last: bool = False) -> BatchStream:
+        return BatchStream(self, split, self.indices(split, classes), batch_size, augment, shuffle, drop_last)
+
+    def session(self, info: SessionInfo) -> SessionData:
+        return SessionData(info, self)
+
+    def finish(self, prepare: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Wrap a transform so its output has the runtime's memory format."""
+        if not self.runtime.channels_last:
+            return prepare
+        return lambda raw: prepare(raw).contiguous(memory_format=torch.channels_last)
+
+    def device_arrays(self, split: str) -> torch.Tensor:
+        """The split's uint8 images, on the device when ``runtime.data_on_device`` (moved once)."""
+        if split not in self._device_arrays:
+            images = self.images(split).images
+            if self.runtime.data_on_device and self.runtime.is_cuda:
+                images = images.to(self.runtime.device)
+            self._device_arrays[split] = images
+        return self._device_arrays[split]
+
+    def device_labels(self, split: str) -> torch.Tensor:
+        if split not in self._device_labels:
+            self._device_labels[split] = torch.from_numpy(self._labels[split]).to(self.runtime.device)
+        return self._device_labels[split]

@@ -1,0 +1,1 @@
+"""The accuracy matrix and every metric derived from it."""

@@ -1,0 +1,94 @@
+"""Fills the accuracy matrix from predictions, one session row at a time, and derives the metrics.
+
+Counts are accumulated on the device with ``bincount`` (no host synchronisation per batch) and read
+back once per session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pilot.data.scenario import Scenario
+from pilot.eval import metrics
+
+TOP_K = 5
+
+
+class Evaluator:
+    """Accuracy matrix ``R`` (percent) and top-5 accuracy per session for one scenario."""
+
+    def __init__(self, scenario: Scenario, device: torch.device | str = "cpu") -> None:
+        self.num_sessions = scenario.num_sessions
+        self.session_of_label = torch.as_tensor(scenario.session_of_label, device=device)
+        K = self.num_sessions
+        self.R = np.full((K, K), np.nan)
+        self.n = np.zeros(K, dtype=np.int64)  # test samples per session block
+        self.top5 = np.full(K, np.nan)
+        self.sessions_done = 0
+        self._current: int | None = None
+
+    # ------------------------------------------------------------------------- accumulation
+    def start_session(self, k: int) -> None:
+        self._current = k
+        device = self.session_of_label.device
+        self._correct = torch.zeros(self.num_sessions, dtype=torch.long, device=device)
+        self._seen = torch.zeros(self.num_sessions, dtype=torch.long, device=device)
+        self._correct5 = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch of logits ``[B, n_seen]`` and their labels ``[B]``."""
+        if self._current is None:
+            raise RuntimeError("call start_session() before update()")
+        block = self.session_of_label[labels]
+        hit = logits.argmax(dim=1) == labels
+        self._correct += torch.bincount(block[hit], minlength=self.num_sessions)
+        self._seen += torch.bincount(block, minlength=self.num_sessions)
+        k = min(TOP_K, logits.shape[1])
+        self._correct5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+
+    def end_session(self) -> dict[str, Any]:
+        """Write row ``k`` of ``R`` and return the session's metrics record."""
+        k = self._current
+        if k is None:
+            raise RuntimeError("end_session() without start_session()")
+        correct, seen = self._correct.cpu().numpy(), self._seen.cpu().numpy()
+        if seen[: k + 1].min() == 0:
+            raise RuntimeError(f"session {k}: some session block had no test samples ({seen[: k + 1].tolist()})")
+        self.R[k, : k + 1] = 100.0 * correct[: k + 1] / seen[: k + 1]
+        self.n[: k + 1] = seen[: k + 1]
+        self.top5[k] = 100.0 * float(self._correct5) / seen[: k + 1].sum()
+        self.sessions_done = k + 1
+        self._current = None
+        return self.record(k)
+
+    # ------------------------------------------------------------------------------ metrics
+    def record(self, k: int) -> dict[str, Any]:
+        """All metrics after session ``k`` (percent), from the rows filled so far."""
+        R, n = self.R[: k + 1, : k + 1], self.n[: k + 1]
+        acc = metrics.accuracy(R, n)
+        return {
+            "session": k,
+            "acc": acc[k],
+            "acc_top5": self.top5[k],
+            "acc_old": metrics.old_accuracy(R, n)[k],
+            "acc_new": metrics.new_accuracy(R)[k],
+            "acc_avg": metrics.average_incremental_accuracy(acc)[k],
+            "forgetting": metrics.forgetting(R)[k],
+            "bwt": metrics.backward_transfer(R)[k],
+            "n_test": int(n.sum()),
+        }
+
+    def matrix_rows(self, k: int) -> list[dict[str, Any]]:
+        """Row ``k`` of ``R`` in long form: one dict per session block ``j <= k``."""
+        return [{"session": k, "block": j, "acc": self.R[k, j], "n_test": int(self.n[j])} for j in range(k + 1)]
+
+    # ------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"R": self.R.copy(), "n": self.n.copy(), "top5": self.top5.copy(), "sessions_done": self.sessions_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.R, self.n, self.top5 = state["R"].copy(), state["n"].copy(), state["top5"].copy()
+        self.sessions_done = int(state["sessions_done"])

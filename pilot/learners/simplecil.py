@@ -1,0 +1,50 @@
+"""SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models", IJCV 2024).
+
+No training: a frozen backbone and a cosine classifier whose row for each class is the mean feature
+of that class's training images under the test transform (METHODS.md §5).
+
+    logit_c(x) = cos(f(x), mu_c),   mu_c = mean_{x in X_c} f(x)
+
+Prototypes never change once written, so the final accuracy does not depend on the split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pilot.backbones.backbone import Backbone
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.learners.base import Learner
+from pilot.modules.classifiers import CosineLinear, class_means
+from pilot.modules.features import FeatureCache, extract_features
+from pilot.runtime import Runtime
+
+
+class SimpleCIL(Learner):
+    """Cosine nearest-class-mean on frozen pretrained features."""
+
+    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime,
+                 batch_size: int = 128, eval_batch_size: int = 512) -> None:
+        super().__init__(backbone, scenario, runtime)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.backbone.freeze()
+        # sigma stays 1: the grown classifier is never trained (METHODS.md §0.5).
+        self.head = CosineLinear(backbone.feature_dim, learn_sigma=False)
+        self.features = FeatureCache()
+
+    def begin_session(self, info: SessionInfo) -> None:
+        super().begin_session(info)
+        self.head.grow(info.total, init="zeros")
+
+    def end_session(self, session: SessionData) -> None:
+        feats, labels = extract_features(self.backbone, session.prototype_batches(self.batch_size),
+                                         self.runtime, desc=f"prototypes s{session.info.index}")
+        self.head.assign(session.info.new_classes, class_means(feats, labels, session.info.new_classes))
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.runtime.autocast():
+            feats = self.features(batch, self.backbone)
+        return self.head(feats)

@@ -1,0 +1,1 @@
+"""Mechanisms shared by several learners: classifiers, feature passes, class statistics, prompts."""

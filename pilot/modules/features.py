@@ -1,0 +1,61 @@
+"""Passes of a network over a stream of batches, and a cache for frozen networks."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from pilot.data.pipeline import Batch
+from pilot.runtime import Runtime
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def extract_features(fn: FeatureFn, batches: Iterable[Batch], runtime: Runtime, desc: str = "features",
+                     cache: "FeatureCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``fn`` over every batch; returns float32 features ``[N, D]`` and labels ``[N]`` on the device."""
+    feats, labels = [], []
+    for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None):
+        with runtime.autocast():
+            out = cache(batch, fn) if cache is not None else fn(batch.images)
+        feats.append(out.float())
+        labels.append(batch.labels)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class FeatureCache:
+    """Outputs of a *frozen* function on deterministic inputs, stored per (split, sample id).
+
+    Evaluation after session k revisits the test images of every earlier session; with a frozen
+    network their features never change, so each is computed once per run. Augmented batches are
+    never cached. The cache is not part of any checkpoint: a resumed run refills it.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, torch.Tensor] = {}
+        self._valid: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch: Batch, fn: FeatureFn) -> torch.Tensor:
+        if batch.augmented:
+            return fn(batch.images)
+        valid = self._valid.get(batch.split)
+        if valid is not None:
+            hit = valid[batch.ids]
+            if bool(hit.all()):
+                return self._values[batch.split][batch.ids]
+        out = fn(batch.images)
+        self._store(batch, out)
+        return out
+
+    def _store(self, batch: Batch, out: torch.Tensor) -> None:
+        if batch.split not in self._values:
+            self._values[batch.split] = torch.empty(batch.split_size, *out.shape[1:], dtype=out.dtype, device=out.device)
+            self._valid[batch.split] = torch.zeros(batch.split_size, dtype=torch.bool, device=out.device)
+        self._values[batch.split][batch.ids] = out.to(self._values[batch.split].dtype)
+        self._valid[batch.split][batch.ids] = True
+
+    def clear(self) -> None:
+        self._values.clear()
+        self._valid.clear()

@@ -1,0 +1,210 @@
+"""The run loop. It trains and evaluates session by session and never names a method.
+
+    for each session:  learner.fit(session) -> evaluate on all seen classes -> sinks.write -> checkpoint
+
+Everything is built from the config with ``hydra.utils.instantiate``; a finished session is on
+disk (CSV rows and a checkpoint) before the next one starts, and ``resume=true`` in the same run
+directory continues after the last finished session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pilot.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from pilot.config import ensure_writable_dir, validate_config
+from pilot.data.images import ClassificationData
+from pilot.data.pipeline import TEST, DataPipeline
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.errors import ConfigError, ResumeError
+from pilot.eval.evaluator import Evaluator
+from pilot.learners.base import Learner
+from pilot.run_info import make_run_info
+from pilot.runtime import Runtime
+from pilot.sinks.base import Sink
+from pilot.sinks.csv import CsvSink
+
+log = logging.getLogger(__name__)
+SUMMARY_COLUMNS = ["session", "n_seen", "acc", "acc_old", "acc_new", "acc_avg", "forgetting", "wall_time_s"]
+
+
+class RunInterrupted(RuntimeError):
+    """Raised by ``debug.stop_after_session`` to simulate an interruption (tests of resume)."""
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
+    """Execute one run described by ``cfg`` in ``run_dir``; returns the per-session records."""
+    run_dir = ensure_writable_dir(Path(run_dir))
+    validate_config(cfg)
+    runtime: Runtime = instantiate(cfg.runtime)
+    seed_everything(int(cfg.seed))
+
+    data: ClassificationData = instantiate(cfg.dataset)
+    scenario: Scenario = instantiate(cfg.scenario, num_classes=data.num_classes)
+    run_info = make_run_info(cfg, scenario.name, scenario.num_sessions)
+    checkpoint = _checkpoint_to_resume(cfg, run_dir, run_info)
+    _save_run_description(run_dir, cfg, data, scenario, run_info)
+
+    backbone = instantiate(cfg.backbone)
+    # A partial, then a plain call: instantiate() would turn dataclass arguments into DictConfigs.
+    learner: Learner = instantiate(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
+    learner.to(runtime.device)
+    if runtime.channels_last:
+        learner.to(memory_format=torch.channels_last)
+    pipeline = DataPipeline(data, scenario, instantiate(cfg.transforms), runtime)
+    evaluator = Evaluator(scenario, runtime.device)
+
+    history: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    if checkpoint is not None:
+        learner.restore(checkpoint["learner"], checkpoint["sessions_done"])
+        learner.to(runtime.device)
+        evaluator.load_state_dict(checkpoint["evaluator"])
+        history = checkpoint["history"]
+        set_rng_state(checkpoint["rng"])
+        log.info("Resuming %s after session %d of %d", run_dir, checkpoint["sessions_done"] - 1, scenario.num_sessions)
+
+    sinks = _open_sinks(cfg, run_dir, run_info, history)
+    try:
+        _log_start(run_info, scenario, learner, runtime, len(history))
+        for info in scenario.sessions[len(history):]:
+            record, matrix_rows = _run_session(learner, pipeline, evaluator, info, runtime, history)
+            history.append((record, matrix_rows))
+            for sink in sinks:
+                sink.write(record, matrix_rows)
+            save_checkpoint(run_dir, {
+                "run_id": run_info["run_id"], "sessions_done": info.index + 1, "learner": learner.state_dict(),
+                "evaluator": evaluator.state_dict(), "history": history, "rng": rng_state(),
+            })
+            log.info(_session_line(record, scenario.num_sessions))
+            stop = cfg.debug.stop_after_session
+            if stop is not None and info.index == stop and info.index + 1 < scenario.num_sessions:
+                raise RunInterrupted(f"debug.stop_after_session={stop}: stopped after session {stop}")
+    finally:
+        summary = _final_summary(history)
+        for sink in sinks:
+            sink.close(summary)
+    table = pd.DataFrame([record for record, _ in history])
+    log.info("Per-session results (%s):\n%s", run_dir / "sessions.csv", _format_table(table))
+    log.info("Final: " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    return table
+
+
+def _run_session(learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, info: SessionInfo,
+                 runtime: Runtime, history: list) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    runtime.reset_peak_memory()
+    start = time.perf_counter()
+    learner.train()
+    learner.fit(pipeline.session(info))
+    _synchronize(runtime)
+    trained = time.perf_counter()
+    learner.eval()
+    evaluate(learner, pipeline, evaluator, info)
+    _synchronize(runtime)
+    done = time.perf_counter()
+    previous_elapsed = history[-1][0]["elapsed_s"] if history else 0.0
+    record = evaluator.record(info.index)
+    record.update({
+        "n_seen": info.total, "n_new": info.num_new,
+        "train_time_s": trained - start, "eval_time_s": done - trained, "wall_time_s": done - start,
+        "elapsed_s": previous_elapsed + done - start, "peak_mem_mb": runtime.peak_memory_mb(),
+        "params_total": learner.num_parameters(), "params_trainable": learner.trainable_parameters,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return record, evaluator.matrix_rows(info.index)
+
+
+@torch.inference_mode()
+def evaluate(learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, info: SessionInfo) -> dict[str, Any]:
+    """Top-1/top-5 of ``learner`` on the test data of every class seen after session ``info``,
+    class-sorted and unshuffled (as the reference evaluates), in batches of ``eval_batch_size``."""
+    evaluator.start_session(info.index)
+    batches = pipeline.batches(TEST, range(0, info.total), learner.eval_batch_size)
+    for batch in learner.runtime.progress_bar(batches, desc=f"eval s{info.index}"):
+        logits = learner.predict(batch)
+        if logits.shape != (len(batch), info.total):
+            raise RuntimeError(f"{type(learner).__name__}.predict returned shape {tuple(logits.shape)}, "
+                               f"expected ({len(batch)}, {info.total})")
+        evaluator.update(logits.float(), batch.labels)
+    return evaluator.end_session()
+
+
+def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any]) -> dict[str, Any] | None:
+    checkpoint = load_checkpoint(run_dir)
+    if not cfg.resume:
+        if checkpoint is not None:
+            raise ConfigError(f"{run_dir} already holds a run with {checkpoint['sessions_done']} finished sessions. "
+                              "Pass resume=true to continue it, or choose another hydra.run.dir.")
+        return None
+    if checkpoint is None:
+        log.warning("resume=true but %s has no checkpoint: starting from the first session", run_dir)
+        return None
+    if checkpoint["run_id"] != run_info["run_id"]:
+        raise ResumeError(f"The checkpoint in {run_dir} belongs to another configuration (run_id "
+                          f"{checkpoint['run_id']}, now {run_info['run_id']}). Resume with the same overrides "
+                          f"as the original run; {run_dir / 'config.yaml'} holds them.")
+    return checkpoint
+
+
+def _save_run_description(run_dir: Path, cfg: DictConfig, data: ClassificationData, scenario: Scenario,
+                          run_info: dict[str, Any]) -> None:
+    """The resolved config, the class order and the session split, beside the results."""
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    order = [{"label": i, "original_class": c, "name": data.class_names[c]} for i, c in enumerate(scenario.class_order)]
+    (run_dir / "class_order.json").write_text(json.dumps(order, indent=1))
+    sessions = [{"session": s.index, "labels": [s.known, s.total], "size": s.num_new,
+                 "original_classes": list(scenario.class_order[s.known:s.total])} for s in scenario.sessions]
+    (run_dir / "sessions.json").write_text(json.dumps({**run_info, "sessions": sessions}, indent=1))
+
+
+def _open_sinks(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any], history: list) -> list[Sink]:
+    sinks = [instantiate(node) for node in (cfg.logger or {}).values()]
+    if not any(isinstance(s, CsvSink) for s in sinks):
+        raise ConfigError("logger must include the csv sink (results, resume and tables read it); e.g. logger=csv")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for sink in sinks:
+        sink.open(run_dir, run_info, config, history)
+    return sinks
+
+
+def _final_summary(history: list) -> dict[str, float]:
+    if not history:
+        return {}
+    last = history[-1][0]
+    return {"acc_last": last["acc"], "acc_avg": last["acc_avg"], "forgetting": last["forgetting"],
+            "bwt": last["bwt"], "sessions": float(last["session"] + 1), "elapsed_s": last["elapsed_s"]}
+
+
+def _session_line(record: dict[str, Any], num_sessions: int) -> str:
+    def fmt(v: float) -> str:
+        return "  -  " if v != v else f"{v:5.2f}"
+    return (f"session {record['session']} ({record['session'] + 1}/{num_sessions}) | classes {record['n_seen']:4d} | acc {fmt(record['acc'])} | "
+            f"old {fmt(record['acc_old'])} | new {fmt(record['acc_new'])} | avg {fmt(record['acc_avg'])} | "
+            f"forgetting {fmt(record['forgetting'])} | {record['wall_time_s']:.1f}s")
+
+
+def _format_table(table: pd.DataFrame) -> str:
+    return table[SUMMARY_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
+
+
+def _log_start(run_info: dict[str, Any], scenario: Scenario, learner: Learner, runtime: Runtime, done: int) -> None:
+    log.info("%s | %s | %s | %s (%d sessions: %s) | seed %d | %s %s | run_id %s",
+             run_info["method"], run_info["dataset"], run_info["backbone"], scenario.name, scenario.num_sessions,
+             list(scenario.sizes), run_info["seed"], runtime.device, runtime.precision if runtime.is_cuda else "fp32",
+             run_info["run_id"])
+    if done:
+        log.info("%d session(s) already finished; continuing with session %d", done, done + 1)
+
+
+def _synchronize(runtime: Runtime) -> None:
+    if runtime.is_cuda:
+        torch.cuda.synchronize(runtime.device)

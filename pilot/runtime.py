@@ -1,0 +1,89 @@
+"""Where and how tensors are computed: device, precision, loader workers, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from pilot.errors import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    """Execution settings shared by the pipeline, the learners and the evaluator.
+
+    ``precision``: ``bf16`` = bfloat16 autocast on CUDA (the default; TF32 matmuls too when
+    ``tf32``); on a CPU it falls back to fp32, which is faster there. ``fp32`` turns autocast off.
+    """
+
+    device: torch.device
+    precision: str = "bf16"
+    tf32: bool = True
+    num_workers: int = 8
+    data_on_device: bool = True
+    channels_last: bool = True
+    progress: bool = True
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if (self.precision == "bf16" and self.is_cuda) else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA when enabled, otherwise a no-op context."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def progress_bar(self, iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Iterator[T]:
+        return tqdm(iterable, desc=desc, total=total, leave=leave, disable=not self.progress, file=sys.stderr,
+                    dynamic_ncols=True, mininterval=0.5)
+
+    def peak_memory_mb(self) -> float:
+        """Peak memory allocated by torch on the device since the last reset (0 on a CPU)."""
+        if not self.is_cuda:
+            return 0.0
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def reset_peak_memory(self) -> None:
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def make_runtime(
+    device: str = "auto",
+    precision: str = "bf16",
+    tf32: bool = True,
+    num_workers: int = 8,
+    data_on_device: bool = True,
+    channels_last: bool = True,
+    progress: bool = True,
+    cpu_threads: int | None = None,
+) -> Runtime:
+    """Build a :class:`Runtime` from the ``runtime`` config; ``device=auto`` picks CUDA when present."""
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"runtime.precision={precision!r}: use bf16 or fp32")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={device} but no CUDA device is visible; use runtime.device=cpu or auto")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    return Runtime(dev, precision, tf32, num_workers, data_on_device, channels_last, progress)

@@ -1,0 +1,1 @@
+"""Where per-session results go: CSV files (always) and Weights & Biases (optional)."""

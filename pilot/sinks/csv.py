@@ -1,0 +1,65 @@
+"""Tidy CSV results: ``sessions.csv`` (one row per run and session) and ``matrix.csv`` (the
+accuracy matrix in long form). Rows are appended, flushed and fsynced as each session ends."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from pilot.sinks.base import Sink
+
+RUN_COLUMNS = ["run_id", "group_id", "method", "dataset", "backbone", "scenario", "seed", "num_sessions"]
+SESSION_COLUMNS = RUN_COLUMNS + [
+    "session", "n_seen", "n_new", "acc", "acc_top5", "acc_old", "acc_new", "acc_avg", "forgetting", "bwt",
+    "n_test", "train_time_s", "eval_time_s", "wall_time_s", "elapsed_s", "peak_mem_mb",
+    "params_total", "params_trainable", "finished_at",
+]
+MATRIX_COLUMNS = RUN_COLUMNS + ["session", "block", "acc", "n_test"]
+SESSIONS_FILE, MATRIX_FILE = "sessions.csv", "matrix.csv"
+
+
+class CsvSink(Sink):
+    """Writes ``sessions.csv`` and ``matrix.csv`` into the run directory."""
+
+    def __init__(self, float_format: str = "%.4f") -> None:
+        self.float_format = float_format
+
+    def open(self, run_dir, run_info, config, previous) -> None:
+        self.run_info = {k: run_info[k] for k in RUN_COLUMNS}
+        self.files = {}
+        for name, columns in ((SESSIONS_FILE, SESSION_COLUMNS), (MATRIX_FILE, MATRIX_COLUMNS)):
+            handle = open(Path(run_dir) / name, "w", newline="")  # rewritten on resume: drops rows past the checkpoint
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            self.files[name] = (handle, writer)
+        for record, matrix_rows in previous:
+            self._append(record, matrix_rows)
+        self._flush()
+
+    def write(self, record, matrix_rows) -> None:
+        self._append(record, matrix_rows)
+        self._flush()
+
+    def close(self, summary) -> None:
+        for handle, _ in self.files.values():
+            handle.close()
+
+    def _append(self, record: dict[str, Any], matrix_rows: list[dict[str, Any]]) -> None:
+        self.files[SESSIONS_FILE][1].writerow(self._format({**self.run_info, **record}))
+        for row in matrix_rows:
+            self.files[MATRIX_FILE][1].writerow(self._format({**self.run_info, **row}))
+
+    def _format(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in row.items():
+            if isinstance(value, float):
+                value = "" if value != value else self.float_format % value  # NaN -> empty cell
+            out[key] = value
+        return out
+
+    def _flush(self) -> None:
+        for handle, _ in self.files.values():
+            handle.flush()
+            os.fsync(handle.fileno())

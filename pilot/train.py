@@ -1,0 +1,38 @@
+"""Entry point: ``python -m pilot.train +method=NAME [group=option ...] [key=value ...]``.
+
+Composes ``configs/train.yaml`` with Hydra and calls :func:`pilot.run.run` in the run directory.
+A :class:`PilotError` (bad input) is printed as one clear message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pilot.config import CONFIG_DIR, register_resolvers, writable_dir_resolver
+from pilot.errors import PilotError
+
+log = logging.getLogger("pilot")
+register_resolvers()
+if not OmegaConf.has_resolver("writable_dir"):
+    OmegaConf.register_new_resolver("writable_dir", writable_dir_resolver)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from pilot.run import run  # imported here so that `--help` and config errors stay fast
+
+    try:
+        table = run(cfg, HydraConfig.get().runtime.output_dir)
+    except PilotError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(2)
+    return float(table["acc"].iloc[-1]) if len(table) else None
+
+
+if __name__ == "__main__":
+    main()
