@@ -30,8 +30,8 @@ class SimpleCIL(Learner):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.backbone.freeze()
-        # sigma stays 1: the grown classifier is never trained (METHODS.md §0.5).
-        self.head = CosineLinear(backbone.feature_dim, learn_sigma=False)
+        # Rows are written, never trained, and sigma stays 1 (METHODS.md §0.5).
+        self.head = CosineLinear(backbone.feature_dim, learn_sigma=False).requires_grad_(False)
         self.features = FeatureCache()
 
     def begin_session(self, info: SessionInfo) -> None:
