@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_object
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pilot.errors import ConfigError
+from pilot.errors import ConfigError, PilotError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Arguments the run loop passes to these config nodes itself (not set in YAML).
@@ -83,10 +87,40 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
-def writable_dir_resolver(path: str) -> str:
-    """Resolver ``${writable_dir:PATH}`` used in ``hydra.run.dir``: checks before Hydra creates it."""
-    ensure_writable_dir(Path(os.path.expanduser(path)))
-    return path
+class CheckResultsDir(Callback):
+    """Hydra callback: before Hydra creates the run (or sweep) directory, check that it can be
+    written, and stop with one clear message instead of Hydra's traceback if it cannot."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)  # as run_job does next: lets ${hydra:...} resolve
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(run_dir: str) -> None:
+        path = Path(os.path.expanduser(run_dir))
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        try:
+            ensure_writable_dir(existing if existing.is_dir() else path)
+        except ConfigError as err:
+            print(f"ConfigError: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a :class:`PilotError` raised by the target through
+    unwrapped (Hydra wraps every exception in an ``InstantiationException``)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, PilotError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def to_plain(node: Any) -> Any:

@@ -18,11 +18,10 @@ from typing import Any
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pilot.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from pilot.config import ensure_writable_dir, validate_config
+from pilot.config import build, ensure_writable_dir, validate_config
 from pilot.data.images import ClassificationData
 from pilot.data.pipeline import TEST, DataPipeline
 from pilot.data.scenario import Scenario, SessionInfo
@@ -46,22 +45,22 @@ def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
     """Execute one run described by ``cfg`` in ``run_dir``; returns the per-session records."""
     run_dir = ensure_writable_dir(Path(run_dir))
     validate_config(cfg)
-    runtime: Runtime = instantiate(cfg.runtime)
+    runtime: Runtime = build(cfg.runtime)
     seed_everything(int(cfg.seed))
 
-    data: ClassificationData = instantiate(cfg.dataset)
-    scenario: Scenario = instantiate(cfg.scenario, num_classes=data.num_classes)
+    data: ClassificationData = build(cfg.dataset)
+    scenario: Scenario = build(cfg.scenario, num_classes=data.num_classes)
     run_info = make_run_info(cfg, scenario.name, scenario.num_sessions)
     checkpoint = _checkpoint_to_resume(cfg, run_dir, run_info)
     _save_run_description(run_dir, cfg, data, scenario, run_info)
 
-    backbone = instantiate(cfg.backbone)
+    backbone = build(cfg.backbone)
     # A partial, then a plain call: instantiate() would turn dataclass arguments into DictConfigs.
-    learner: Learner = instantiate(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
+    learner: Learner = build(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
     learner.to(runtime.device)
     if runtime.channels_last:
         learner.to(memory_format=torch.channels_last)
-    pipeline = DataPipeline(data, scenario, instantiate(cfg.transforms), runtime)
+    pipeline = DataPipeline(data, scenario, build(cfg.transforms), runtime)
     evaluator = Evaluator(scenario, runtime.device)
 
     history: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
@@ -167,7 +166,7 @@ def _save_run_description(run_dir: Path, cfg: DictConfig, data: ClassificationDa
 
 
 def _open_sinks(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any], history: list) -> list[Sink]:
-    sinks = [instantiate(node) for node in (cfg.logger or {}).values()]
+    sinks = [build(node) for node in (cfg.logger or {}).values()]
     if not any(isinstance(s, CsvSink) for s in sinks):
         raise ConfigError("logger must include the csv sink (results, resume and tables read it); e.g. logger=csv")
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -11,15 +11,13 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pilot.config import CONFIG_DIR, register_resolvers, writable_dir_resolver
+from pilot.config import CONFIG_DIR, register_resolvers
 from pilot.errors import PilotError
 
 log = logging.getLogger("pilot")
 register_resolvers()
-if not OmegaConf.has_resolver("writable_dir"):
-    OmegaConf.register_new_resolver("writable_dir", writable_dir_resolver)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pandas as pd
-import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On a busy 2-core machine
+# spinning threads make small tensor ops up to ~100x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pilot.train  # noqa: F401  (registers the config resolvers)
-from pilot.config import CONFIG_DIR
-from pilot.run import run
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+import pilot.train  # noqa: E402,F401  (registers the config resolvers)
+from pilot.config import CONFIG_DIR  # noqa: E402
+from pilot.run import run  # noqa: E402
 
 # A fast test setting: tiny random ViT, synthetic data, CSV only, no progress bars, on the CPU.
 FAST = ["backbone=vit_test_tiny", "dataset=synthetic", "logger=csv", "runtime.device=cpu",

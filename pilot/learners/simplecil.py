@@ -46,5 +46,5 @@ class SimpleCIL(Learner):
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
-            feats = self.features(batch, self.backbone)
+            feats = self.features(batch, self.backbone, self.runtime)
         return self.head(feats)

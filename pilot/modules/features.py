@@ -19,7 +19,7 @@ def extract_features(fn: FeatureFn, batches: Iterable[Batch], runtime: Runtime, 
     feats, labels = [], []
     for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None):
         with runtime.autocast():
-            out = cache(batch, fn) if cache is not None else fn(batch.images)
+            out = cache(batch, fn, runtime) if cache is not None else runtime.chunked(fn, batch.images)
         feats.append(out.float())
         labels.append(batch.labels)
     return torch.cat(feats), torch.cat(labels)
@@ -37,7 +37,9 @@ class FeatureCache:
         self._values: dict[str, torch.Tensor] = {}
         self._valid: dict[str, torch.Tensor] = {}
 
-    def __call__(self, batch: Batch, fn: FeatureFn) -> torch.Tensor:
+    def __call__(self, batch: Batch, fn: FeatureFn, runtime: Runtime | None = None) -> torch.Tensor:
+        """``fn(batch.images)``, from the cache where every sample of the batch is already there.
+        With ``runtime``, misses are computed in CPU-sized chunks (:meth:`Runtime.chunked`)."""
         if batch.augmented:
             return fn(batch.images)
         valid = self._valid.get(batch.split)
@@ -45,7 +47,7 @@ class FeatureCache:
             hit = valid[batch.ids]
             if bool(hit.all()):
                 return self._values[batch.split][batch.ids]
-        out = fn(batch.images)
+        out = runtime.chunked(fn, batch.images) if runtime is not None else fn(batch.images)
         self._store(batch, out)
         return out
 

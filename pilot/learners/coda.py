@@ -1,0 +1,98 @@
+"""CODA-Prompt (Smith et al., "CODA-Prompt: COntinual Decomposed Attention-based Prompting for
+Rehearsal-Free Continual Learning", CVPR 2023), as LAMDA-PILOT runs it (METHODS.md §3).
+
+    frozen ViT f; per prompted layer l: components P_l, keys K_l, attention vectors A_l; shared head g
+    at the start of session t:  Gram-Schmidt init of the slice [t*n, (t+1)*n) of P, K, A
+    for each batch (x, y) of session t (drop_last):
+        q       = f(x)[CLS]                                     # frozen query, no grad
+        alpha_k = cos(q * A_{l,k}, K_{l,k}),  k < (t+1)*n         # earlier slices detached
+        p_l     = sum_k alpha_k P_{l,k}                          # length x dim
+        z       = f(x; p_l[:length/2] key / p_l[length/2:] value prefixes in layer l)
+        L       = CE(mask_old(g(z[CLS])), y) + mu * ortho penalty     (mu = 0 in the reference)
+    lr_e = lr_0 cos(99 pi e / (200 (K-1)))
+    predict: the same forward with every component learned so far; logits over seen classes.
+
+Class order: the reference runs CODA on the natural class order with seed 0 (METHODS.md §3.5); our
+``method/coda.yaml`` keeps the common seed-1993 shuffled order for fair comparisons and
+``experiment=coda_reference_order`` restores the quirk.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pilot.backbones.backbone import Backbone
+from pilot.backbones.prompting import Prefix, PromptedViT
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.learners.base import Learner
+from pilot.learners.l2p import OptimizerFactory, SchedulerFactory
+from pilot.learners.training import train_epochs
+from pilot.modules.features import FeatureCache
+from pilot.modules.masking import mask_old_classes, seen_class_logits
+from pilot.modules.prompts import CodaPromptPool
+from pilot.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class CodaPrompt(Learner):
+    """Attention-weighted sums of prompt components as prefixes, one linear head on CLS."""
+
+    requires_vit = True
+
+    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, optimizer: OptimizerFactory,
+                 scheduler: SchedulerFactory | None, epochs: int = 20, batch_size: int = 128,
+                 eval_batch_size: int = 256, drop_last: bool = True, pool_size: int = 100, prompt_length: int = 8,
+                 prompt_layers: Sequence[int] = (0, 1, 2, 3, 4), ortho_mu: float = 0.0) -> None:
+        super().__init__(backbone, scenario, runtime)
+        self.layers = [int(i) for i in prompt_layers]
+        self.backbone.freeze()
+        self.vit = PromptedViT(backbone.vit, prefix_layers=self.layers)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
+        self.drop_last, self.ortho_mu = bool(drop_last), float(ortho_mu)
+        self.pool = CodaPromptPool(len(self.layers), int(pool_size), int(prompt_length), self.vit.dim,
+                                   scenario.num_sessions)
+        self.head = nn.Linear(self.vit.dim, scenario.num_classes)  # PyTorch default init (METHODS.md §3.1)
+        self.queries = FeatureCache()
+
+    def begin_session(self, info: SessionInfo) -> None:
+        super().begin_session(info)
+        self.pool.begin_session(info.index)
+
+    def prefixes(self, query: torch.Tensor, train: bool) -> tuple[dict[int, Prefix], torch.Tensor]:
+        """Per prompted block: first half of the mixed prompt as key prefix, second half as value prefix."""
+        prompts, penalty = self.pool(query, train=train, ortho_mu=self.ortho_mu)   # [layers, B, length, C]
+        half = prompts.shape[2] // 2
+        return {layer: (prompts[i, :, :half], prompts[i, :, half:]) for i, layer in enumerate(self.layers)}, penalty
+
+    def logits(self, images: torch.Tensor, prefixes: dict[int, Prefix]) -> torch.Tensor:
+        return self.head(self.vit.pooled(self.vit.forward_features(images, prefixes=prefixes)))
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        prefixes, penalty = self.prefixes(self.queries(batch, self.vit.query), train=True)
+        logits = mask_old_classes(self.logits(batch.images, prefixes), self.known, self.total)
+        return F.cross_entropy(logits, batch.labels) + penalty
+
+    def train_session(self, session: SessionData) -> None:
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
+        batches = session.train_batches(self.batch_size, drop_last=self.drop_last)
+        if len(batches) == 0:
+            log.warning("CODA session %d: %d training images < batch_size %d with drop_last: no training step",
+                        session.info.index, batches.num_samples, self.batch_size)
+            return
+        train_epochs(batches, self.epochs, self.loss, optimizer, self.runtime, scheduler,
+                     desc=f"coda s{session.info.index}")
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.runtime.autocast():
+            prefixes, _ = self.prefixes(self.queries(batch, self.vit.query), train=False)
+            return seen_class_logits(self.logits(batch.images, prefixes), self.total)

@@ -1,0 +1,129 @@
+"""DualPrompt (Wang et al., "DualPrompt: Complementary Prompting for Rehearsal-free Continual
+Learning", ECCV 2022), as LAMDA-PILOT runs it (METHODS.md §2).
+
+    frozen ViT f, G-prompt (layers 0-1), E-prompt pool {(k_i, E_i)} (layers 2-4), shared head g
+    at the start of session t > 0:  E_t <- E_{t-1}                  # shared_prompt_pool (keys not copied)
+    for each batch (x, y) of session t:
+        q  = f(x)[CLS]                                         # frozen query, no grad
+        i  = t                                                 # task-forced E-prompt (use_prompt_mask)
+        z  = f(x; prefixes G in layers 0-1, E_i in layers 2-4)  # prefix tuning: extra keys and values
+        L  = CE(mask_old(g(z[CLS])), y) - 0.1 * cos(q, k_i)
+    predict: i = argmax_i cos(q, k_i), batch-wise majority vote if enabled; logits over seen classes.
+
+If the pool is smaller than ``sessions x top_k``, the reference silently stops forcing (and copying)
+E-prompts for the sessions beyond it; we do the same and say so at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pilot.backbones.backbone import Backbone
+from pilot.backbones.prompting import Prefix, PromptedViT
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.errors import ConfigError
+from pilot.learners.base import Learner
+from pilot.learners.l2p import OptimizerFactory, SchedulerFactory, linear_head
+from pilot.learners.training import train_epochs
+from pilot.modules.features import FeatureCache
+from pilot.modules.masking import mask_old_classes, seen_class_logits
+from pilot.modules.prompts import PromptPool
+from pilot.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class DualPrompt(Learner):
+    """Shared G-prefixes, a pool of E-prefixes selected by key, one linear head on CLS."""
+
+    requires_vit = True
+
+    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, optimizer: OptimizerFactory,
+                 scheduler: SchedulerFactory | None = None, epochs: int = 5, batch_size: int = 24,
+                 eval_batch_size: int = 24, g_prompt_length: int = 5, g_prompt_layers: Sequence[int] = (0, 1),
+                 e_prompt_length: int = 5, e_prompt_layers: Sequence[int] = (2, 3, 4), pool_size: int = 10,
+                 top_k: int = 1, batchwise_prompt: bool = True, batchwise_prompt_eval: bool = True,
+                 task_forced_prompt: bool = True, copy_previous_prompt: bool = True, pull_coeff: float = 0.1) -> None:
+        super().__init__(backbone, scenario, runtime)
+        self.g_layers, self.e_layers = [int(i) for i in g_prompt_layers], [int(i) for i in e_prompt_layers]
+        if set(self.g_layers) & set(self.e_layers):
+            raise ConfigError(f"method.g_prompt_layers {self.g_layers} and method.e_prompt_layers {self.e_layers} "
+                              "overlap; a block takes either the G- or the E-prompt")
+        self.backbone.freeze()
+        self.vit = PromptedViT(backbone.vit, prefix_layers=self.g_layers + self.e_layers)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
+        self.g_length, self.e_length, self.top_k = int(g_prompt_length), int(e_prompt_length), int(top_k)
+        self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise_prompt), bool(batchwise_prompt_eval)
+        self.task_forced_prompt, self.copy_previous_prompt = bool(task_forced_prompt), bool(copy_previous_prompt)
+        self.pull_coeff = float(pull_coeff)
+        dim = self.vit.dim
+        # G-prompt: per layer [key prefix; value prefix] rows, U(-1, 1).
+        self.g_prompt = nn.Parameter(torch.empty(len(self.g_layers), 2 * self.g_length, dim).uniform_(-1, 1))
+        # E-prompt pool: one entry = for each E layer [key prefix; value prefix] rows.
+        self.e_pool = PromptPool(int(pool_size), len(self.e_layers) * 2 * self.e_length, dim, self.top_k)
+        self.head = linear_head(dim, scenario.num_classes)
+        self.queries = FeatureCache()
+        self.session = 0
+        covered = self.e_pool.pool_size // self.top_k
+        if (task_forced_prompt or copy_previous_prompt) and scenario.num_sessions > covered:
+            log.warning(
+                "DualPrompt: the E-prompt pool (%d prompts, top_k %d) has task slots for %d sessions, but the scenario "
+                "has %d. As in the reference, sessions %d-%d train without a task-forced E-prompt (selection by key "
+                "matching instead) and without copying the previous prompt; raise method.pool_size to >= %d to keep "
+                "one prompt per task.", self.e_pool.pool_size, self.top_k, covered, scenario.num_sessions, covered,
+                scenario.num_sessions - 1, scenario.num_sessions * self.top_k)
+
+    def task_slots(self, session: int) -> slice | None:
+        """Pool ids of ``session``'s E-prompt (``[t*k, (t+1)*k)``), or None where the pool has no room."""
+        start, stop = session * self.top_k, (session + 1) * self.top_k
+        return slice(start, stop) if stop <= self.e_pool.pool_size else None
+
+    def begin_session(self, info: SessionInfo) -> None:
+        super().begin_session(info)
+        self.session = info.index
+        if self.copy_previous_prompt and info.index > 0:
+            previous, current = self.task_slots(info.index - 1), self.task_slots(info.index)
+            if previous is not None and current is not None:
+                self.e_pool.copy_slots(previous, current)
+
+    def prefixes(self, indices: torch.Tensor) -> dict[int, Prefix]:
+        """Key/value prefixes per block: the G-prompt, and the E-prompts ``indices`` ``[B, k]``."""
+        L = self.g_length
+        prefixes = {layer: (self.g_prompt[i, None, :L], self.g_prompt[i, None, L:]) for i, layer in enumerate(self.g_layers)}
+        B, k = indices.shape
+        e = self.e_pool.gather(indices).view(B, k, len(self.e_layers), 2, self.e_length, -1)
+        e = e.permute(2, 3, 0, 1, 4, 5).flatten(3, 4)                       # [layers, k/v, B, k * length, C]
+        prefixes.update({layer: (e[i, 0], e[i, 1]) for i, layer in enumerate(self.e_layers)})
+        return prefixes
+
+    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        features = self.vit.forward_features(images, prefixes=self.prefixes(indices))
+        return self.head(self.vit.pooled(features))
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        query = self.queries(batch, self.vit.query)
+        slots = self.task_slots(self.session) if self.task_forced_prompt else None
+        forced = None if slots is None else torch.arange(slots.start, slots.stop, device=query.device)
+        selection = self.e_pool.select(query, batchwise=self.batchwise_prompt, forced=forced)
+        logits = mask_old_classes(self.logits(batch.images, selection.indices), self.known, self.total)
+        return F.cross_entropy(logits, batch.labels) - self.pull_coeff * selection.pull
+
+    def train_session(self, session: SessionData) -> None:
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
+        train_epochs(session.train_batches(self.batch_size), self.epochs, self.loss, optimizer, self.runtime,
+                     scheduler, desc=f"dualprompt s{session.info.index}")
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.runtime.autocast():
+            query = self.queries(batch, self.vit.query)
+            indices = self.e_pool.select(query, batchwise=self.batchwise_prompt_eval).indices
+            return seen_class_logits(self.logits(batch.images, indices), self.total)
