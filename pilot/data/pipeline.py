@@ -24,6 +24,13 @@ from pilot.runtime import Runtime
 TRAIN, TEST = "train", "test"
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without blocking the host (through pinned memory on CUDA)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Batch:
     """One batch: device images (transformed on first access), remapped labels and sample ids.
 
@@ -103,17 +110,17 @@ class BatchStream:
         stored = p.device_arrays(self.split)
         labels = p.device_labels(self.split)
         prepare = p.transforms.train_batch if self.augment else p.transforms.test_batch
-        order = torch.from_numpy(self._order())
-        for b in range(len(self)):
-            ids = order[b * self.batch_size:(b + 1) * self.batch_size]
+        # One copy of the epoch's sample order to the device; batches are slices of it, so no step
+        # waits on a host-to-device copy.
+        order = to_device(torch.from_numpy(self._order()), p.runtime.device)
+        for ids in order.split(self.batch_size):
             if self.drop_last and len(ids) < self.batch_size:
                 break
-            ids_dev = ids.to(stored.device)
-            raw = stored[ids_dev]
-            if raw.device != p.runtime.device:
-                raw = raw.pin_memory().to(p.runtime.device, non_blocking=True) if p.runtime.is_cuda else raw
-            ids_dev = ids.to(p.runtime.device)
-            yield Batch(raw, p.finish(prepare), labels[ids_dev], ids_dev, self.split, self.augment, len(labels))
+            if stored.device == ids.device:
+                raw = stored[ids]
+            else:  # images kept in host memory: gather there, copy pinned
+                raw = to_device(stored[ids.cpu()], p.runtime.device)
+            yield Batch(raw, p.finish(prepare), labels[ids], ids, self.split, self.augment, len(labels))
 
     def _iter_files(self, images: FileImages) -> Iterator[Batch]:
         p = self.pipeline

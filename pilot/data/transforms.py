@@ -70,10 +70,12 @@ class ImageTransforms:
         n, _, height, width = images.shape
         top, left, h, w = sample_crop_boxes(n, height, width, self.train_scale, self.train_ratio)
         flip = torch.rand(n) < self.hflip_prob
-        boxes = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w, top + h], dim=1)
-        x = images.float()
-        x = roi_align(x, boxes.to(x.device), output_size=self.size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        params = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w, top + h, flip.float()], dim=1)
+        if images.is_cuda:  # one small pinned, non-blocking copy: the host does not wait for the GPU
+            params = params.pin_memory().to(images.device, non_blocking=True)
+        x = roi_align(images.float(), params[:, :5], output_size=self.size, spatial_scale=1.0,
+                      sampling_ratio=0, aligned=True)
+        x = torch.where(params[:, 5].bool().view(-1, 1, 1, 1), x.flip(-1), x)
         return self.finish(x.clamp_(0, 255).div_(255))
 
     # ------------------------------------------------------------------- CPU side (PIL, in workers)

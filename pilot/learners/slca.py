@@ -1,0 +1,176 @@
+"""SLCA (Zhang et al., "SLCA: Slow Learner with Classifier Alignment for Continual Learning on a
+Pre-trained Model", ICCV 2023), as in LAMDA-PILOT ``models/slca.py`` (METHODS.md §6).
+
+Per session T:
+
+1. Slow learner: the whole backbone trains with a small learning rate (0.01 x 0.01 = 1e-4) and a new
+   linear head ``nn.Linear(d, |C_T|)`` (trunc-normal .02, bias 0) with 0.01 (one SGD, two param
+   groups, MultiStepLR per epoch); CE on the new head's logits with labels - known. Older heads are
+   frozen: no gradient reaches them.
+2. Mean and covariance (float64, + 1e-4 I) of the new classes' features (training images, test
+   transform, backbone in eval mode). Old classes keep the statistics of their own session.
+3. Classifier alignment (T > 0): a copy of all heads is trained on samples of the class Gaussians
+   (:mod:`pilot.modules.alignment`), with the means of class c scaled by 0.9 + 0.1 (t_c+1)/(T+1).
+
+Evaluation uses the aligned heads; the next session continues from the stage-1 heads. The
+reference backs up the heads after stage 1, aligns them in place and restores the backup after
+evaluation; here the stage-1 heads stay in ``self.heads`` and the aligned copy is kept in the
+buffers ``aligned_weight``/``aligned_bias`` (all heads concatenated in session order), which
+``predict`` uses: the same numbers, and no restore step.
+
+t_c: the reference computes ``c // |C_T|`` (the current session size), wrong for unequal splits
+(B50Inc10: class 55 gets t=5 at T=1, scale 1.2). We use the true session of every class;
+``reference_session_mapping=true`` reproduces the reference.
+
+Only pooled ``backbone(images)`` features are used, so any backbone works (ViT or CNN). The
+backbone is trained in train mode (BatchNorm statistics update, as in the reference); statistics
+passes run in eval mode.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import SGD, Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR
+
+from pilot.backbones.backbone import Backbone
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.learners.base import Learner
+from pilot.learners.training import train_epochs
+from pilot.modules.alignment import align_classifier
+from pilot.modules.features import extract_features
+from pilot.modules.gaussian import ClassGaussians
+from pilot.runtime import Runtime
+
+
+def mean_scale_sessions(scenario: Scenario, info: SessionInfo, reference: bool = False) -> torch.Tensor:
+    """t_c for every class seen after session ``info``: its true session, or with ``reference`` the
+    reference's ``c // |C_T|`` (current session size)."""
+    if reference:
+        return torch.arange(info.total) // info.num_new
+    return torch.as_tensor(scenario.session_of_label[:info.total], dtype=torch.long)
+
+
+class SLCA(Learner):
+    """Slow-learning backbone + per-session linear heads + classifier alignment on class Gaussians."""
+
+    requires_vit = False
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        epochs: int = 20,
+        batch_size: int = 64,
+        optimizer: Callable[..., Optimizer] | None = None,
+        backbone_lr_scale: float = 0.01,
+        scheduler: Callable[..., LRScheduler] | None = None,
+        ca_epochs: int = 3,
+        ca_optimizer: Callable[..., Optimizer] | None = None,
+        ca_scheduler: Callable[..., LRScheduler] | None = None,
+        ca_samples_per_class: int = 256,
+        ca_batch_size: int = 256,
+        ca_logit_norm: float | None = 0.1,
+        covariance_shrink: float = 1e-4,
+        reference_session_mapping: bool = False,
+        stats_batch_size: int = 128,
+        eval_batch_size: int = 256,
+    ) -> None:
+        super().__init__(backbone, scenario, runtime)
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.optimizer = optimizer or partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.backbone_lr_scale = backbone_lr_scale
+        self.scheduler = scheduler if scheduler is not None else partial(MultiStepLR, milestones=[18], gamma=0.1)
+        self.ca_epochs = ca_epochs
+        self.ca_optimizer = ca_optimizer or partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.ca_scheduler = ca_scheduler if ca_scheduler is not None else partial(CosineAnnealingLR, T_max=ca_epochs)
+        self.ca_samples_per_class = ca_samples_per_class
+        self.ca_batch_size = ca_batch_size
+        self.ca_logit_norm = ca_logit_norm
+        self.reference_session_mapping = reference_session_mapping
+        self.stats_batch_size = stats_batch_size
+        self.eval_batch_size = eval_batch_size
+        if backbone_lr_scale == 0:  # the reference's fix_bcb: heads only
+            self.backbone.freeze()
+        dim = backbone.feature_dim
+        self.heads = nn.ModuleList()  # stage-1 heads, one per session
+        self.stats = ClassGaussians(dim, covariance_shrink)
+        self.register_buffer("aligned_weight", torch.zeros(0, dim))  # heads used by predict
+        self.register_buffer("aligned_bias", torch.zeros(0))
+
+    # ------------------------------------------------------------------------------ hooks
+    def begin_session(self, info: SessionInfo) -> None:
+        super().begin_session(info)
+        device = self.aligned_weight.device
+        self.heads.requires_grad_(False)
+        head = nn.Linear(self.backbone.feature_dim, info.num_new)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.heads.append(head.to(device))
+        self.stats.grow(info.total)
+        extra = info.total - self.aligned_weight.shape[0]
+        zeros = self.aligned_weight.new_zeros(extra, self.backbone.feature_dim)
+        self.aligned_weight = torch.cat([self.aligned_weight, zeros])
+        self.aligned_bias = torch.cat([self.aligned_bias, self.aligned_bias.new_zeros(extra)])
+
+    def train_session(self, session: SessionData) -> None:
+        head = self.heads[-1]
+        groups = [{"params": list(head.parameters())}]
+        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        if backbone_params:
+            groups.insert(0, {"params": backbone_params})
+        optimizer = self.optimizer(groups)
+        if backbone_params:
+            optimizer.param_groups[0]["lr"] *= self.backbone_lr_scale  # before the scheduler records it
+        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
+        known = self.known
+
+        def loss_fn(batch: Batch) -> torch.Tensor:
+            return F.cross_entropy(head(self.backbone(batch.images)), batch.labels - known)
+
+        train_epochs(session.train_batches(self.batch_size), self.epochs, loss_fn, optimizer, self.runtime,
+                     scheduler, desc=f"SLCA s{session.info.index}")
+        self.zero_grad(set_to_none=True)  # free the backbone's gradients before evaluation
+
+    def end_session(self, session: SessionData) -> None:
+        info = session.info
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            feats, labels = extract_features(self.backbone, session.prototype_batches(self.stats_batch_size),
+                                             self.runtime, desc=f"class statistics s{info.index}")
+        finally:
+            self.backbone.train(was_training)
+        self.stats.update(feats, labels, info.new_classes)
+
+        stage1 = nn.Linear(self.backbone.feature_dim, info.total).to(self.aligned_weight.device)
+        with torch.no_grad():
+            stage1.weight.copy_(torch.cat([h.weight for h in self.heads]))
+            stage1.bias.copy_(torch.cat([h.bias for h in self.heads]))
+        if info.index > 0 and self.ca_epochs > 0:
+            device = self.aligned_weight.device
+            align_classifier(
+                stage1, self.stats,
+                blocks=torch.as_tensor(self.scenario.session_of_label[:info.total], device=device),
+                scale_sessions=mean_scale_sessions(self.scenario, info, self.reference_session_mapping).to(device),
+                current_session=info.index, epochs=self.ca_epochs, optimizer=self.ca_optimizer,
+                scheduler=self.ca_scheduler, runtime=self.runtime, samples_per_class=self.ca_samples_per_class,
+                batch_size=self.ca_batch_size, tau=self.ca_logit_norm,
+            )
+        with torch.no_grad():
+            self.aligned_weight.copy_(stage1.weight)
+            self.aligned_bias.copy_(stage1.bias)
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.runtime.autocast():
+            feats = self.runtime.chunked(self.backbone, batch.images)
+        return F.linear(feats.float(), self.aligned_weight, self.aligned_bias)
