@@ -89,14 +89,6 @@ def ensemble_logits(features: torch.Tensor, prototypes: torch.Tensor, class_sess
     return (cos * weights).sum(dim=-1)
 
 
-class _NotCached(Exception):
-    """Raised by the probe function given to a FeatureCache: the batch is not cached for this set."""
-
-
-def _probe(_images: torch.Tensor) -> torch.Tensor:
-    raise _NotCached
-
-
 class EASE(Learner):
     """Frozen ViT + one adapter set per session, prototype ensemble over all subspaces."""
 
@@ -214,19 +206,15 @@ class EASE(Learner):
             return self.runtime.chunked(lambda x: self.subspace_features(x, sets), batch.images)
         while len(self._caches) < len(sets):
             self._caches.append(FeatureCache())
-        out: list[torch.Tensor | None] = [None] * len(sets)
-        for j, adapter_set in enumerate(sets):
-            if adapter_set.frozen:
-                try:
-                    out[j] = self._caches[j](batch, _probe)
-                except _NotCached:
-                    pass
+        out = [self._caches[j].lookup(batch) if s.frozen else None for j, s in enumerate(sets)]
         missing = [j for j, value in enumerate(out) if value is None]
         if missing:
             fresh = self.runtime.chunked(lambda x: self.subspace_features(x, [sets[j] for j in missing]), batch.images)
             for k, j in enumerate(missing):
                 value = fresh[:, k]
-                out[j] = self._caches[j](batch, lambda _images, v=value: v) if sets[j].frozen else value
+                if sets[j].frozen:
+                    self._caches[j].store(batch, value)
+                out[j] = value
         return torch.stack([v.float() for v in out], dim=1)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------------- checkpoints

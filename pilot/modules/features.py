@@ -42,16 +42,24 @@ class FeatureCache:
         With ``runtime``, misses are computed in CPU-sized chunks (:meth:`Runtime.chunked`)."""
         if batch.augmented:
             return fn(batch.images)
-        valid = self._valid.get(batch.split)
-        if valid is not None:
-            hit = valid[batch.ids]
-            if bool(hit.all()):
-                return self._values[batch.split][batch.ids]
+        cached = self.lookup(batch)
+        if cached is not None:
+            return cached
         out = runtime.chunked(fn, batch.images) if runtime is not None else fn(batch.images)
-        self._store(batch, out)
+        self.store(batch, out)
         return out
 
-    def _store(self, batch: Batch, out: torch.Tensor) -> None:
+    def lookup(self, batch: Batch) -> torch.Tensor | None:
+        """The cached outputs of the batch if every one of its samples is cached, else None."""
+        valid = self._valid.get(batch.split)
+        if batch.augmented or valid is None or not bool(valid[batch.ids].all()):
+            return None
+        return self._values[batch.split][batch.ids]
+
+    def store(self, batch: Batch, out: torch.Tensor) -> None:
+        """Keep ``out`` (one row per sample of a non-augmented batch) for later lookups."""
+        if batch.augmented:
+            raise ValueError("outputs on augmented images are not cacheable")
         if batch.split not in self._values:
             self._values[batch.split] = torch.empty(batch.split_size, *out.shape[1:], dtype=out.dtype, device=out.device)
             self._valid[batch.split] = torch.zeros(batch.split_size, dtype=torch.bool, device=out.device)
