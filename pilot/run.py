@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,27 +42,56 @@ class RunInterrupted(RuntimeError):
     """Raised by ``debug.stop_after_session`` to simulate an interruption (tests of resume)."""
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
-    """Execute one run described by ``cfg`` in ``run_dir``; returns the per-session records."""
-    run_dir = ensure_writable_dir(Path(run_dir))
+@dataclass
+class RunData:
+    """The cheap first half of a run: runtime, dataset and scenario (built before any weights load)."""
+
+    runtime: Runtime
+    data: ClassificationData
+    scenario: Scenario
+
+
+@dataclass
+class RunModel:
+    """The second half: the learner on its backbone, the input pipeline and the evaluator."""
+
+    learner: Learner
+    pipeline: DataPipeline
+    evaluator: Evaluator
+
+
+def build_data(cfg: DictConfig) -> RunData:
+    """Check the config, seed, build the runtime, the dataset (its paths are checked) and the split."""
     validate_config(cfg)
     runtime: Runtime = build(cfg.runtime)
     seed_everything(int(cfg.seed))
-
     data: ClassificationData = build(cfg.dataset)
-    scenario: Scenario = build(cfg.scenario, num_classes=data.num_classes)
-    run_info = make_run_info(cfg, scenario.name, scenario.num_sessions)
-    checkpoint = _checkpoint_to_resume(cfg, run_dir, run_info)
-    _save_run_description(run_dir, cfg, data, scenario, run_info)
+    return RunData(runtime, data, build(cfg.scenario, num_classes=data.num_classes))
 
+
+def build_model(cfg: DictConfig, parts: RunData) -> RunModel:
+    """Load the backbone's weights and build the learner (which checks it can use that backbone)."""
     backbone = build(cfg.backbone)
     # A partial, then a plain call: instantiate() would turn dataclass arguments into DictConfigs.
-    learner: Learner = build(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
-    learner.to(runtime.device)
-    if runtime.channels_last:
+    learner: Learner = build(cfg.method, _partial_=True)(backbone=backbone, scenario=parts.scenario,
+                                                          runtime=parts.runtime)
+    learner.to(parts.runtime.device)
+    if parts.runtime.channels_last:
         learner.to(memory_format=torch.channels_last)
-    pipeline = DataPipeline(data, scenario, build(cfg.transforms), runtime)
-    evaluator = Evaluator(scenario, runtime.device)
+    pipeline = DataPipeline(parts.data, parts.scenario, build(cfg.transforms), parts.runtime)
+    return RunModel(learner, pipeline, Evaluator(parts.scenario, parts.runtime.device))
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
+    """Execute one run described by ``cfg`` in ``run_dir``; returns the per-session records."""
+    run_dir = ensure_writable_dir(Path(run_dir))
+    parts = build_data(cfg)
+    runtime, scenario = parts.runtime, parts.scenario
+    run_info = make_run_info(cfg, scenario.name, scenario.num_sessions)
+    checkpoint = _checkpoint_to_resume(cfg, run_dir, run_info)
+    _save_run_description(run_dir, cfg, parts.data, scenario, run_info)
+    model = build_model(cfg, parts)
+    learner, pipeline, evaluator = model.learner, model.pipeline, model.evaluator
 
     history: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     if checkpoint is not None:

@@ -46,8 +46,17 @@ def test_top_k_and_batchwise_vote_on_a_hand_made_similarity():
     # Votes: id 2 three times, id 0 twice, id 1 once -> ids [2, 0] for every sample.
     assert select_top_k(sim, 2, batchwise=True).tolist() == [[2, 0]] * 3
     # Ties go to the smaller id: ids 3 and 1 both voted twice, id 0 once.
-    assert batchwise_vote(torch.tensor([[3], [1], [3], [1], [0]]), pool_size=4).tolist() == [1]
-    assert batchwise_vote(torch.tensor([[3, 0], [1, 3], [1, 2]]), pool_size=4).tolist() == [1, 3]
+    assert batchwise_vote(torch.tensor([[3], [1], [3], [1], [0]]), pool_size=4).tolist() == [[1]] * 5
+    assert batchwise_vote(torch.tensor([[3, 0], [1, 3], [1, 2]]), pool_size=4).tolist() == [[1, 3]] * 3
+
+
+def test_vote_groups_reproduce_the_votes_of_small_batches():
+    # Groups of 3 consecutive samples vote separately; the last group is incomplete (2 samples).
+    votes = torch.tensor([[2], [2], [0], [1], [3], [3], [0], [1]])
+    expected = [[2]] * 3 + [[3]] * 3 + [[0]] * 2  # group 3 ties 0/1 -> 0
+    assert batchwise_vote(votes, pool_size=4, group_size=3).tolist() == expected
+    separately = [batchwise_vote(part, pool_size=4).tolist() for part in votes.split(3)]
+    assert sum(separately, []) == expected
 
 
 def test_pull_term_on_a_hand_made_case():
@@ -214,7 +223,8 @@ def test_three_sessions_end_to_end(method, tmp_path, fast):
         assert config["scheduler"]["epochs"] == 1 and config["drop_last"] is True
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["transforms"]["train_scale"] == [0.08, 1.0]
     else:
-        assert config["eval_batch_size"] == config["batch_size"] == {"l2p": 16, "dualprompt": 24}[method]
+        assert config["vote_batch_size"] == config["batch_size"] == {"l2p": 16, "dualprompt": 24}[method]
+        assert config["eval_batch_size"] == {"l2p": 512, "dualprompt": 504}[method]
 
 
 def test_reference_defaults_per_dataset(tmp_path):
@@ -222,11 +232,11 @@ def test_reference_defaults_per_dataset(tmp_path):
         return OmegaConf.to_container(compose_config(["logger=csv", *overrides], tmp_path), resolve=True)
 
     l2p_c, l2p_r = resolved("+method=l2p")["method"], resolved("+method=l2p", "dataset=imagenet_r")["method"]
-    assert (l2p_c["epochs"], l2p_c["batch_size"], l2p_c["eval_batch_size"]) == (5, 16, 16)
-    assert (l2p_r["epochs"], l2p_r["batch_size"], l2p_r["eval_batch_size"]) == (10, 32, 32)
+    assert (l2p_c["epochs"], l2p_c["batch_size"], l2p_c["vote_batch_size"]) == (5, 16, 16)
+    assert (l2p_r["epochs"], l2p_r["batch_size"], l2p_r["vote_batch_size"]) == (10, 32, 32)
     assert (l2p_r["optimizer"]["lr"], l2p_r["pull_coeff"], l2p_r["top_k"], l2p_r["batchwise_prompt"]) == (0.001875, 0.1, 5, True)
     dual = resolved("+method=dualprompt", "dataset=imagenet_r")["method"]
-    assert (dual["epochs"], dual["batch_size"], dual["eval_batch_size"], dual["optimizer"]["lr"]) == (10, 24, 24, 0.001)
+    assert (dual["epochs"], dual["batch_size"], dual["vote_batch_size"], dual["optimizer"]["lr"]) == (10, 24, 24, 0.001)
     coda_c, coda_r = resolved("+method=coda"), resolved("+method=coda", "dataset=imagenet_r")
     assert (coda_c["method"]["epochs"], coda_r["method"]["epochs"], coda_r["method"]["scheduler"]["epochs"]) == (20, 50, 50)
     assert coda_c["transforms"]["test_crop_pct"] == 1.0 and coda_r["transforms"]["test_crop_pct"] == 0.875
@@ -284,3 +294,8 @@ def test_checkpoint_after_two_sessions_restores_identical_predictions(method, tm
     assert (fresh.known, fresh.total) == (learner.known, learner.total) == (2, 4)
     for batch in pipeline.batches(TEST, range(0, 4), learner.eval_batch_size):
         torch.testing.assert_close(fresh.predict(batch), learner.predict(batch), rtol=0, atol=0)
+    if hasattr(learner, "vote_batch_size"):
+        # One large evaluation batch votes in groups exactly as the reference's small test batches do.
+        small = torch.cat([learner.predict(b) for b in pipeline.batches(TEST, range(0, 4), learner.vote_batch_size)])
+        large = torch.cat([learner.predict(b) for b in pipeline.batches(TEST, range(0, 4), 4 * learner.vote_batch_size)])
+        torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-5)

@@ -29,7 +29,7 @@ from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
 from pilot.learners.base import Learner
-from pilot.learners.l2p import OptimizerFactory, SchedulerFactory, linear_head
+from pilot.learners.l2p import OptimizerFactory, SchedulerFactory, linear_head, vote_aligned_batch_size
 from pilot.learners.training import train_epochs
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
@@ -46,7 +46,7 @@ class DualPrompt(Learner):
 
     def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, epochs: int = 5, batch_size: int = 24,
-                 eval_batch_size: int = 24, g_prompt_length: int = 5, g_prompt_layers: Sequence[int] = (0, 1),
+                 eval_batch_size: int = 504, vote_batch_size: int = 24, g_prompt_length: int = 5, g_prompt_layers: Sequence[int] = (0, 1),
                  e_prompt_length: int = 5, e_prompt_layers: Sequence[int] = (2, 3, 4), pool_size: int = 10,
                  top_k: int = 1, batchwise_prompt: bool = True, batchwise_prompt_eval: bool = True,
                  task_forced_prompt: bool = True, copy_previous_prompt: bool = True, pull_coeff: float = 0.1) -> None:
@@ -58,7 +58,8 @@ class DualPrompt(Learner):
         self.backbone.freeze()
         self.vit = PromptedViT(backbone.vit, prefix_layers=self.g_layers + self.e_layers)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
+        self.epochs, self.batch_size, self.vote_batch_size = int(epochs), int(batch_size), int(vote_batch_size)
+        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
         self.g_length, self.e_length, self.top_k = int(g_prompt_length), int(e_prompt_length), int(top_k)
         self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise_prompt), bool(batchwise_prompt_eval)
         self.task_forced_prompt, self.copy_previous_prompt = bool(task_forced_prompt), bool(copy_previous_prompt)
@@ -125,5 +126,5 @@ class DualPrompt(Learner):
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
             query = self.queries(batch, self.vit.query)
-            indices = self.e_pool.select(query, batchwise=self.batchwise_prompt_eval).indices
+            indices = self.e_pool.select(query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size).indices
             return seen_class_logits(self.logits(batch.images, indices), self.total)

@@ -47,6 +47,13 @@ def linear_head(dim: int, num_classes: int) -> nn.Linear:
     return head
 
 
+def vote_aligned_batch_size(eval_batch_size: int, vote_batch_size: int) -> int:
+    """The evaluation batch rounded down to a multiple of the vote group (at least one group), so
+    that groups of ``vote_batch_size`` consecutive class-sorted test samples are exactly the
+    reference's test batches while the GPU sees large batches."""
+    return max(vote_batch_size, eval_batch_size // vote_batch_size * vote_batch_size)
+
+
 class L2P(Learner):
     """Prompt pool with key-query selection, prompt tuning, one linear head over all classes."""
 
@@ -54,13 +61,15 @@ class L2P(Learner):
 
     def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, epochs: int = 5, batch_size: int = 16,
-                 eval_batch_size: int = 16, pool_size: int = 10, prompt_length: int = 5, top_k: int = 5,
-                 batchwise_prompt: bool = True, batchwise_prompt_eval: bool = True, pull_coeff: float = 0.1) -> None:
+                 eval_batch_size: int = 512, vote_batch_size: int = 16, pool_size: int = 10, prompt_length: int = 5,
+                 top_k: int = 5, batchwise_prompt: bool = True, batchwise_prompt_eval: bool = True,
+                 pull_coeff: float = 0.1) -> None:
         super().__init__(backbone, scenario, runtime)
         self.backbone.freeze()
         self.vit = PromptedViT(backbone.vit)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
+        self.epochs, self.batch_size, self.vote_batch_size = int(epochs), int(batch_size), int(vote_batch_size)
+        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
         self.top_k, self.prompt_length = int(top_k), int(prompt_length)
         self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise_prompt), bool(batchwise_prompt_eval)
         self.pull_coeff = float(pull_coeff)
@@ -90,5 +99,5 @@ class L2P(Learner):
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
             query = self.queries(batch, self.vit.query)
-            indices = self.pool.select(query, batchwise=self.batchwise_prompt_eval).indices
+            indices = self.pool.select(query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size).indices
             return seen_class_logits(self.logits(batch.images, indices), self.total)

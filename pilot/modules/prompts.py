@@ -27,27 +27,32 @@ def cosine_similarity(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return F.normalize(query.float(), dim=1, eps=EPS) @ F.normalize(keys.float(), dim=1, eps=EPS).T
 
 
-def batchwise_vote(indices: torch.Tensor, pool_size: int) -> torch.Tensor:
-    """The ``k`` prompt ids chosen most often across the batch (``indices`` ``[B, k]`` -> ``[k]``).
+def batchwise_vote(indices: torch.Tensor, pool_size: int, group_size: int | None = None) -> torch.Tensor:
+    """Batch-wise prompt selection: per group of ``group_size`` consecutive samples (default: the
+    whole batch), the ``k`` prompt ids chosen most often, used for every sample of the group.
 
     L2P's ``batchwise_prompt`` (l2p-pytorch ``Prompt.forward``): count how often each id appears in
-    the per-sample top-k lists and keep the ``k`` most frequent ones for *every* sample. Ties go to the
-    smaller id (deterministic; the reference leaves them to ``torch.topk``). Counting is a
-    fixed-size scatter, so there is no host synchronisation.
+    the per-sample top-k lists ``indices`` ``[B, k]`` and keep the ``k`` most frequent ones. Ties go
+    to the smaller id (deterministic; the reference leaves them to ``torch.topk``). Voting in groups
+    lets one large evaluation batch reproduce the votes of the reference's small test batches
+    exactly (groups = its batches). Counting is a fixed-size scatter: no host synchronisation.
+    Returns ``[B, k]``.
     """
-    k = indices.shape[1]
-    counts = torch.zeros(pool_size, dtype=torch.long, device=indices.device)
-    counts.scatter_add_(0, indices.flatten(), torch.ones_like(indices.flatten()))
-    score = counts * pool_size + torch.arange(pool_size - 1, -1, -1, device=indices.device)
-    return score.topk(k).indices
+    batch, k = indices.shape
+    group = torch.arange(batch, device=indices.device) // (group_size or batch)    # [B] group of each sample
+    groups = int(batch + (group_size or batch) - 1) // (group_size or batch)
+    counts = torch.zeros(groups * pool_size, dtype=torch.long, device=indices.device)
+    counts.scatter_add_(0, (group.unsqueeze(1) * pool_size + indices).flatten(), torch.ones_like(indices.flatten()))
+    score = counts.view(groups, pool_size) * pool_size + torch.arange(pool_size - 1, -1, -1, device=indices.device)
+    return score.topk(k, dim=1).indices[group]
 
 
-def select_top_k(similarity: torch.Tensor, k: int, batchwise: bool) -> torch.Tensor:
-    """Prompt ids ``[B, k]``: each sample's ``k`` most similar keys, or with ``batchwise`` the batch's
-    ``k`` most voted ids (:func:`batchwise_vote`) repeated for every sample."""
+def select_top_k(similarity: torch.Tensor, k: int, batchwise: bool, group_size: int | None = None) -> torch.Tensor:
+    """Prompt ids ``[B, k]``: each sample's ``k`` most similar keys, or with ``batchwise`` the ``k``
+    most voted ids of its group of ``group_size`` samples (:func:`batchwise_vote`)."""
     indices = similarity.topk(k, dim=1).indices
     if batchwise:
-        indices = batchwise_vote(indices, similarity.shape[1]).unsqueeze(0).expand(similarity.shape[0], -1)
+        indices = batchwise_vote(indices, similarity.shape[1], group_size)
     return indices
 
 
@@ -85,15 +90,16 @@ class PromptPool(nn.Module):
         self.prompts = nn.Parameter(torch.empty(pool_size, tokens, dim).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(pool_size, dim).uniform_(-1, 1))
 
-    def select(self, query: torch.Tensor, batchwise: bool, forced: torch.Tensor | None = None) -> PromptSelection:
-        """Choose prompts for queries ``[B, C]``: cosine top-k (optionally batch-voted), or the ids
-        ``forced`` ``[k]`` for every sample (DualPrompt's task-forced E-prompt); the pull term is
-        computed with the ids actually used."""
+    def select(self, query: torch.Tensor, batchwise: bool, forced: torch.Tensor | None = None,
+               group_size: int | None = None) -> PromptSelection:
+        """Choose prompts for queries ``[B, C]``: cosine top-k (optionally voted per group of
+        ``group_size`` samples, default the whole batch), or the ids ``forced`` ``[k]`` for every
+        sample (DualPrompt's task-forced E-prompt); the pull term uses the ids actually used."""
         similarity = cosine_similarity(query, self.keys)
         if forced is not None:
             indices = forced.to(query.device).unsqueeze(0).expand(query.shape[0], -1)
         else:
-            indices = select_top_k(similarity.detach(), self.top_k, batchwise)
+            indices = select_top_k(similarity.detach(), self.top_k, batchwise, group_size)
         return PromptSelection(indices, surrogate_similarity(similarity, indices))
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
