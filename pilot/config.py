@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from pilot.errors import ConfigError, PilotError
 
@@ -35,6 +35,23 @@ def per_dataset(table: dict[str, Any], default: Any, *, _root_: DictConfig) -> A
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("per_dataset"):
         OmegaConf.register_new_resolver("per_dataset", per_dataset)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose ``configs/train.yaml`` with command-line style ``overrides`` outside ``@hydra.main``
+    (tests, benchmarks, notebooks), register it as the current Hydra config so that ``${hydra:...}``
+    labels resolve, and drop the ``hydra`` node, as the entry point's task function sees it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def available_options(group: str) -> list[str]:
