@@ -65,8 +65,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"No method chosen. Add +method=NAME, one of: {', '.join(available_options('method'))}")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"These config values are mandatory and not set: {', '.join(missing)} "
-                          f"(e.g. {missing[0]}=<value> on the command line)")
+        raise ConfigError(
+            f"These config values are mandatory and not set: {', '.join(missing)} "
+            f"(e.g. {missing[0]}=<value> on the command line)"
+        )
     for group in INSTANTIATED_GROUPS:
         _check_target_arguments(group, cfg[group])
     for name, sink in (cfg.get("logger") or {}).items():
@@ -88,8 +90,9 @@ def _check_target_arguments(path: str, node: Any) -> None:
     unknown = sorted(k for k in node.keys() if not str(k).startswith("_") and k not in allowed)
     if unknown:
         settable = sorted(allowed - INJECTED_ARGS.get(path, set()))
-        raise ConfigError(f"{path}.{unknown[0]} is not a parameter of {node._target_}. "
-                          f"Its parameters are: {', '.join(settable)}")
+        raise ConfigError(
+            f"{path}.{unknown[0]} is not a parameter of {node._target_}. Its parameters are: {', '.join(settable)}"
+        )
 
 
 def ensure_writable_dir(path: Path) -> Path:
@@ -99,8 +102,10 @@ def ensure_writable_dir(path: Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise ConfigError(f"Results directory {path} is not writable ({err.strerror}). "
-                          "Set paths.results_dir=<a writable folder> (or hydra.run.dir=...).") from err
+        raise ConfigError(
+            f"Results directory {path} is not writable ({err.strerror}). "
+            "Set paths.results_dir=<a writable folder> (or hydra.run.dir=...)."
+        ) from err
     return path
 
 

@@ -73,8 +73,9 @@ def build_model(cfg: DictConfig, parts: RunData) -> RunModel:
     """Load the backbone's weights and build the learner (which checks it can use that backbone)."""
     backbone = build(cfg.backbone)
     # A partial, then a plain call: instantiate() would turn dataclass arguments into DictConfigs.
-    learner: Learner = build(cfg.method, _partial_=True)(backbone=backbone, scenario=parts.scenario,
-                                                          runtime=parts.runtime)
+    learner: Learner = build(cfg.method, _partial_=True)(
+        backbone=backbone, scenario=parts.scenario, runtime=parts.runtime
+    )
     learner.to(parts.runtime.device)
     if parts.runtime.channels_last:
         learner.to(memory_format=torch.channels_last)
@@ -105,15 +106,22 @@ def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
     sinks = _open_sinks(cfg, run_dir, run_info, history)
     try:
         _log_start(run_info, scenario, learner, runtime, len(history))
-        for info in scenario.sessions[len(history):]:
+        for info in scenario.sessions[len(history) :]:
             record, matrix_rows = _run_session(learner, pipeline, evaluator, info, runtime, history)
             history.append((record, matrix_rows))
             for sink in sinks:
                 sink.write(record, matrix_rows)
-            save_checkpoint(run_dir, {
-                "run_id": run_info["run_id"], "sessions_done": info.index + 1, "learner": learner.state_dict(),
-                "evaluator": evaluator.state_dict(), "history": history, "rng": rng_state(),
-            })
+            save_checkpoint(
+                run_dir,
+                {
+                    "run_id": run_info["run_id"],
+                    "sessions_done": info.index + 1,
+                    "learner": learner.state_dict(),
+                    "evaluator": evaluator.state_dict(),
+                    "history": history,
+                    "rng": rng_state(),
+                },
+            )
             log.info(_session_line(record, scenario.num_sessions))
             stop = cfg.debug.stop_after_session
             if stop is not None and info.index == stop and info.index + 1 < scenario.num_sessions:
@@ -128,8 +136,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
     return table
 
 
-def _run_session(learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, info: SessionInfo,
-                 runtime: Runtime, history: list) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _run_session(
+    learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, info: SessionInfo, runtime: Runtime, history: list
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     runtime.reset_peak_memory()
     start = time.perf_counter()
     learner.train()
@@ -142,13 +151,20 @@ def _run_session(learner: Learner, pipeline: DataPipeline, evaluator: Evaluator,
     done = time.perf_counter()
     previous_elapsed = history[-1][0]["elapsed_s"] if history else 0.0
     record = evaluator.record(info.index)
-    record.update({
-        "n_seen": info.total, "n_new": info.num_new,
-        "train_time_s": trained - start, "eval_time_s": done - trained, "wall_time_s": done - start,
-        "elapsed_s": previous_elapsed + done - start, "peak_mem_mb": runtime.peak_memory_mb(),
-        "params_total": learner.num_parameters(), "params_trainable": learner.trainable_parameters,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    record.update(
+        {
+            "n_seen": info.total,
+            "n_new": info.num_new,
+            "train_time_s": trained - start,
+            "eval_time_s": done - trained,
+            "wall_time_s": done - start,
+            "elapsed_s": previous_elapsed + done - start,
+            "peak_mem_mb": runtime.peak_memory_mb(),
+            "params_total": learner.num_parameters(),
+            "params_trainable": learner.trainable_parameters,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     return record, evaluator.matrix_rows(info.index)
 
 
@@ -161,8 +177,10 @@ def evaluate(learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, inf
     for batch in learner.runtime.progress_bar(batches, desc=f"eval s{info.index}"):
         logits = learner.predict(batch)
         if logits.shape != (len(batch), info.total):
-            raise RuntimeError(f"{type(learner).__name__}.predict returned shape {tuple(logits.shape)}, "
-                               f"expected ({len(batch)}, {info.total})")
+            raise RuntimeError(
+                f"{type(learner).__name__}.predict returned shape {tuple(logits.shape)}, "
+                f"expected ({len(batch)}, {info.total})"
+            )
         evaluator.update(logits.float(), batch.labels)
     return evaluator.end_session()
 
@@ -171,27 +189,39 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, run_info: dict[str, An
     checkpoint = load_checkpoint(run_dir)
     if not cfg.resume:
         if checkpoint is not None:
-            raise ConfigError(f"{run_dir} already holds a run with {checkpoint['sessions_done']} finished sessions. "
-                              "Pass resume=true to continue it, or choose another hydra.run.dir.")
+            raise ConfigError(
+                f"{run_dir} already holds a run with {checkpoint['sessions_done']} finished sessions. "
+                "Pass resume=true to continue it, or choose another hydra.run.dir."
+            )
         return None
     if checkpoint is None:
         log.warning("resume=true but %s has no checkpoint: starting from the first session", run_dir)
         return None
     if checkpoint["run_id"] != run_info["run_id"]:
-        raise ResumeError(f"The checkpoint in {run_dir} belongs to another configuration (run_id "
-                          f"{checkpoint['run_id']}, now {run_info['run_id']}). Resume with the same overrides "
-                          f"as the original run; {run_dir / 'config.yaml'} holds them.")
+        raise ResumeError(
+            f"The checkpoint in {run_dir} belongs to another configuration (run_id "
+            f"{checkpoint['run_id']}, now {run_info['run_id']}). Resume with the same overrides "
+            f"as the original run; {run_dir / 'config.yaml'} holds them."
+        )
     return checkpoint
 
 
-def _save_run_description(run_dir: Path, cfg: DictConfig, data: ClassificationData, scenario: Scenario,
-                          run_info: dict[str, Any]) -> None:
+def _save_run_description(
+    run_dir: Path, cfg: DictConfig, data: ClassificationData, scenario: Scenario, run_info: dict[str, Any]
+) -> None:
     """The resolved config, the class order and the session split, beside the results."""
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     order = [{"label": i, "original_class": c, "name": data.class_names[c]} for i, c in enumerate(scenario.class_order)]
     (run_dir / "class_order.json").write_text(json.dumps(order, indent=1))
-    sessions = [{"session": s.index, "labels": [s.known, s.total], "size": s.num_new,
-                 "original_classes": list(scenario.class_order[s.known:s.total])} for s in scenario.sessions]
+    sessions = [
+        {
+            "session": s.index,
+            "labels": [s.known, s.total],
+            "size": s.num_new,
+            "original_classes": list(scenario.class_order[s.known : s.total]),
+        }
+        for s in scenario.sessions
+    ]
     (run_dir / "sessions.json").write_text(json.dumps({**run_info, "sessions": sessions}, indent=1))
 
 
@@ -209,16 +239,26 @@ def _final_summary(history: list) -> dict[str, float]:
     if not history:
         return {}
     last = history[-1][0]
-    return {"acc_last": last["acc"], "acc_avg": last["acc_avg"], "forgetting": last["forgetting"],
-            "bwt": last["bwt"], "sessions": float(last["session"] + 1), "elapsed_s": last["elapsed_s"]}
+    return {
+        "acc_last": last["acc"],
+        "acc_avg": last["acc_avg"],
+        "forgetting": last["forgetting"],
+        "bwt": last["bwt"],
+        "sessions": float(last["session"] + 1),
+        "elapsed_s": last["elapsed_s"],
+    }
 
 
 def _session_line(record: dict[str, Any], num_sessions: int) -> str:
     def fmt(v: float) -> str:
         return "  -  " if v != v else f"{v:5.2f}"
-    return (f"session {record['session']} ({record['session'] + 1}/{num_sessions}) | classes {record['n_seen']:4d} | acc {fmt(record['acc'])} | "
-            f"old {fmt(record['acc_old'])} | new {fmt(record['acc_new'])} | avg {fmt(record['acc_avg'])} | "
-            f"forgetting {fmt(record['forgetting'])} | {record['wall_time_s']:.1f}s")
+
+    return (
+        f"session {record['session']} ({record['session'] + 1}/{num_sessions}) | classes {record['n_seen']:4d} | "
+        f"acc {fmt(record['acc'])} | "
+        f"old {fmt(record['acc_old'])} | new {fmt(record['acc_new'])} | avg {fmt(record['acc_avg'])} | "
+        f"forgetting {fmt(record['forgetting'])} | {record['wall_time_s']:.1f}s"
+    )
 
 
 def _format_table(table: pd.DataFrame) -> str:
@@ -226,10 +266,19 @@ def _format_table(table: pd.DataFrame) -> str:
 
 
 def _log_start(run_info: dict[str, Any], scenario: Scenario, learner: Learner, runtime: Runtime, done: int) -> None:
-    log.info("%s | %s | %s | %s (%d sessions: %s) | seed %d | %s %s | run_id %s",
-             run_info["method"], run_info["dataset"], run_info["backbone"], scenario.name, scenario.num_sessions,
-             list(scenario.sizes), run_info["seed"], runtime.device, runtime.precision if runtime.is_cuda else "fp32",
-             run_info["run_id"])
+    log.info(
+        "%s | %s | %s | %s (%d sessions: %s) | seed %d | %s %s | run_id %s",
+        run_info["method"],
+        run_info["dataset"],
+        run_info["backbone"],
+        scenario.name,
+        scenario.num_sessions,
+        list(scenario.sizes),
+        run_info["seed"],
+        runtime.device,
+        runtime.precision if runtime.is_cuda else "fp32",
+        run_info["run_id"],
+    )
     if done:
         log.info("%d session(s) already finished; continuing with session %d", done, done + 1)
 

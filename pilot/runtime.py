@@ -60,9 +60,19 @@ class Runtime:
             return fn(images)
         return torch.cat([fn(part) for part in images.split(chunk)])
 
-    def progress_bar(self, iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Iterator[T]:
-        return tqdm(iterable, desc=desc, total=total, leave=leave, disable=not self.progress, file=sys.stderr,
-                    dynamic_ncols=True, mininterval=0.5)
+    def progress_bar(
+        self, iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False
+    ) -> Iterator[T]:
+        return tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            leave=leave,
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
 
     def peak_memory_mb(self) -> float:
         """Peak memory allocated by torch on the device since the last reset (0 on a CPU)."""

@@ -47,17 +47,50 @@ SETTING = ["dataset", "backbone", "scenario"]
 ROW = ["method", "variant"]
 DEFAULT_PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "published.csv"
 # Known methods first, in this order; any other method follows alphabetically.
-METHOD_ORDER = ["simplecil", "l2p", "dualprompt", "coda", "ease", "slca", "aper_finetune", "aper_vpt_shallow",
-                "aper_vpt_deep", "aper_ssf", "aper_adapter", "ranpac", "fecam", "mos"]
+METHOD_ORDER = [
+    "simplecil",
+    "l2p",
+    "dualprompt",
+    "coda",
+    "ease",
+    "slca",
+    "aper_finetune",
+    "aper_vpt_shallow",
+    "aper_vpt_deep",
+    "aper_ssf",
+    "aper_adapter",
+    "ranpac",
+    "fecam",
+    "mos",
+]
 PRETTY = {  # LaTeX only; Markdown and CSV keep pilot's labels (what you type on the command line)
-    "simplecil": "SimpleCIL", "l2p": "L2P", "dualprompt": "DualPrompt", "coda": "CODA-Prompt", "ease": "EASE",
-    "slca": "SLCA", "aper_finetune": "APER w/ Finetune", "aper_vpt_shallow": "APER w/ VPT-Shallow",
-    "aper_vpt_deep": "APER w/ VPT-Deep", "aper_ssf": "APER w/ SSF", "aper_adapter": "APER w/ Adapter",
-    "ranpac": "RanPAC", "fecam": "FeCAM", "mos": "MOS",
-    "cifar100": "CIFAR-100", "imagenet_r": "ImageNet-R", "imagenet_a": "ImageNet-A", "cub": "CUB-200",
-    "omnibenchmark": "OmniBenchmark", "vtab": "VTAB", "objectnet": "ObjectNet", "fashion_mnist": "Fashion-MNIST",
-    "synthetic": "Synthetic", "vit_b16_in1k": "ViT-B/16-IN1K", "vit_b16_in21k": "ViT-B/16-IN21K",
-    "efficientnet_lite0": "EfficientNet-Lite0", "vit_test_tiny": "tiny ViT (test)",
+    "simplecil": "SimpleCIL",
+    "l2p": "L2P",
+    "dualprompt": "DualPrompt",
+    "coda": "CODA-Prompt",
+    "ease": "EASE",
+    "slca": "SLCA",
+    "aper_finetune": "APER w/ Finetune",
+    "aper_vpt_shallow": "APER w/ VPT-Shallow",
+    "aper_vpt_deep": "APER w/ VPT-Deep",
+    "aper_ssf": "APER w/ SSF",
+    "aper_adapter": "APER w/ Adapter",
+    "ranpac": "RanPAC",
+    "fecam": "FeCAM",
+    "mos": "MOS",
+    "cifar100": "CIFAR-100",
+    "imagenet_r": "ImageNet-R",
+    "imagenet_a": "ImageNet-A",
+    "cub": "CUB-200",
+    "omnibenchmark": "OmniBenchmark",
+    "vtab": "VTAB",
+    "objectnet": "ObjectNet",
+    "fashion_mnist": "Fashion-MNIST",
+    "synthetic": "Synthetic",
+    "vit_b16_in1k": "ViT-B/16-IN1K",
+    "vit_b16_in21k": "ViT-B/16-IN21K",
+    "efficientnet_lite0": "EfficientNet-Lite0",
+    "vit_test_tiny": "tiny ViT (test)",
 }
 
 
@@ -180,8 +213,8 @@ def _flat_config(path: Path, seed: Any) -> dict[str, str] | None:
 class Results:
     """What was found under the results directories."""
 
-    runs: pd.DataFrame        # complete, averaged runs: one row per run, last-session metrics, ``variant``
-    sessions: pd.DataFrame    # every sessions.csv row of those runs
+    runs: pd.DataFrame  # complete, averaged runs: one row per run, last-session metrics, ``variant``
+    sessions: pd.DataFrame  # every sessions.csv row of those runs
     incomplete: pd.DataFrame  # runs that are not averaged, with ``reason``
 
 
@@ -213,8 +246,11 @@ def load_results(paths: Iterable[str | Path]) -> Results:
     runs = runs.sort_values(["finished_at", "run_dir"])
     repeated = runs.duplicated("run_id", keep="last")
     superseded = runs[repeated].copy()
-    superseded["reason"] = "superseded: the same run_id finished again later (" + \
-        superseded["run_id"].map(dict(zip(runs.loc[~repeated, "run_id"], runs.loc[~repeated, "run_dir"]))) + ")"
+    superseded["reason"] = (
+        "superseded: the same run_id finished again later ("
+        + superseded["run_id"].map(dict(zip(runs.loc[~repeated, "run_id"], runs.loc[~repeated, "run_dir"])))
+        + ")"
+    )
     runs = runs[~repeated].copy()
     incomplete = pd.concat([incomplete, superseded], ignore_index=True)
     runs["seed"] = runs["seed"].astype(int)
@@ -222,8 +258,17 @@ def load_results(paths: Iterable[str | Path]) -> Results:
     sessions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(sessions):
         sessions = sessions[sessions["run_dir"].isin(runs["run_dir"])]
-    columns = ["run_dir", "method", "dataset", "backbone", "scenario", "seed", "sessions_done", "num_sessions",
-               "reason"]
+    columns = [
+        "run_dir",
+        "method",
+        "dataset",
+        "backbone",
+        "scenario",
+        "seed",
+        "sessions_done",
+        "num_sessions",
+        "reason",
+    ]
     return Results(runs, sessions.reset_index(drop=True), incomplete.reindex(columns=columns).reset_index(drop=True))
 
 
@@ -262,11 +307,17 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     present = [m for m in metrics if m in runs.columns]  # older CSVs may lack a column
     long = runs.melt(id_vars=keys + ["seed", "run_dir"], value_vars=present, var_name="metric")
     long = long.dropna(subset=["value"])
-    cells = (long.groupby(keys + ["metric"], sort=False)
-             .agg(mean=("value", "mean"), std=("value", lambda v: v.std(ddof=1)), n=("value", "size"),
-                  seeds=("seed", lambda s: ";".join(map(str, sorted(s)))),
-                  run_dirs=("run_dir", lambda d: ";".join(sorted(d))))
-             .reset_index())
+    cells = (
+        long.groupby(keys + ["metric"], sort=False)
+        .agg(
+            mean=("value", "mean"),
+            std=("value", lambda v: v.std(ddof=1)),
+            n=("value", "size"),
+            seeds=("seed", lambda s: ";".join(map(str, sorted(s)))),
+            run_dirs=("run_dir", lambda d: ";".join(sorted(d))),
+        )
+        .reset_index()
+    )
     cells["unit"] = cells["metric"].map(lambda m: METRICS[m].unit)
     return cells[ROW + SETTING + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs"]]
 
@@ -279,13 +330,22 @@ def _ordered(values: Iterable[str], wanted: Sequence[str] | None, preferred: Seq
     return sorted(present, key=lambda v: (rank.get(v, len(rank)), v))
 
 
-def select(cells: pd.DataFrame, methods=None, datasets=None, backbones=None, scenarios=None,
-           metrics: Sequence[str] = DEFAULT_METRICS) -> pd.DataFrame:
+def select(
+    cells: pd.DataFrame,
+    methods=None,
+    datasets=None,
+    backbones=None,
+    scenarios=None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> pd.DataFrame:
     """Keep and order rows (methods), settings and metrics; lists also fix the order."""
-    orders = {"method": _ordered(cells["method"], methods, METHOD_ORDER),
-              "dataset": _ordered(cells["dataset"], datasets), "backbone": _ordered(cells["backbone"], backbones),
-              "scenario": _ordered(cells["scenario"], scenarios, _scenario_sort(cells["scenario"])),
-              "metric": [m for m in metrics if m in set(cells["metric"])]}
+    orders = {
+        "method": _ordered(cells["method"], methods, METHOD_ORDER),
+        "dataset": _ordered(cells["dataset"], datasets),
+        "backbone": _ordered(cells["backbone"], backbones),
+        "scenario": _ordered(cells["scenario"], scenarios, _scenario_sort(cells["scenario"])),
+        "metric": [m for m in metrics if m in set(cells["metric"])],
+    }
     out = cells
     sort_keys = []
     for column, order in orders.items():
@@ -300,6 +360,7 @@ def _scenario_sort(names: Iterable[str]) -> list[str]:
     def key(name: str) -> tuple:
         digits = "".join(c if c.isdigit() else " " for c in name).split()
         return tuple(int(d) for d in digits) + (name,)
+
     return sorted(set(names), key=key)
 
 
@@ -328,12 +389,22 @@ def attach_published(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFra
     keys = ["method", "dataset", "backbone", "scenario", "metric"]
     summary = published[published["session"].isna()]
     first = summary.drop_duplicates(keys, keep="first")
-    others = (summary[summary.duplicated(keys, keep="first")]
-              .assign(text=lambda d: d["value"].map("{:g}".format) + " (" + d["source"] + ")")
-              .groupby(keys)["text"].agg("; ".join).rename("published_others").reset_index())
+    others = (
+        summary[summary.duplicated(keys, keep="first")]
+        .assign(text=lambda d: d["value"].map("{:g}".format) + " (" + d["source"] + ")")
+        .groupby(keys)["text"]
+        .agg("; ".join)
+        .rename("published_others")
+        .reset_index()
+    )
     first = first.rename(columns={"value": "published", "source": "published_source", "note": "published_note"})
-    out = cells.drop(columns=[c for c in ("published", "published_source", "published_note", "published_others", "diff")
-                              if c in cells.columns])
+    out = cells.drop(
+        columns=[
+            c
+            for c in ("published", "published_source", "published_note", "published_others", "diff")
+            if c in cells.columns
+        ]
+    )
     out = out.merge(first[keys + ["published", "published_source", "published_note"]], on=keys, how="left")
     out = out.merge(others, on=keys, how="left")
     out["diff"] = out["mean"] - out["published"]
@@ -397,11 +468,11 @@ def _compare_columns(cells: pd.DataFrame) -> set[tuple]:
 class _Grid:
     """A table as strings, shared by the Markdown and LaTeX writers."""
 
-    rows: list[tuple[str, str]]                   # (method, variant), in order
-    spans: list[tuple[tuple, int, int]]           # (setting, first column, past-last column) of the body
-    varying: list[str]                            # setting dimensions that differ between settings
-    header: list[str]                             # one label per body column
-    body: list[list[str]]                         # one list of cells per row
+    rows: list[tuple[str, str]]  # (method, variant), in order
+    spans: list[tuple[tuple, int, int]]  # (setting, first column, past-last column) of the body
+    varying: list[str]  # setting dimensions that differ between settings
+    header: list[str]  # one label per body column
+    body: list[list[str]]  # one list of cells per row
 
 
 def _grid(cells: pd.DataFrame, digits: int, latex: bool) -> _Grid:
@@ -462,13 +533,17 @@ def to_markdown(cells: pd.DataFrame, digits: int = 2) -> str:
             label = _setting_label(setting, varying)
             for i in range(start, stop):
                 header[i] = f"{label}: {header[i]}"
-    table = [["method"] + header] + [[_row_label(m, v).replace("|", "\\|")] + line
-                                     for (m, v), line in zip(grid.rows, grid.body)]
+    table = [["method"] + header] + [
+        [_row_label(m, v).replace("|", "\\|")] + line for (m, v), line in zip(grid.rows, grid.body)
+    ]
     widths = [max(3, *(len(r[i]) for r in table)) for i in range(len(table[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-             for r in table]
-    rule = "| " + " | ".join(":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":"
-                             for i, w in enumerate(widths)) + " |"
+    lines = [
+        "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+        for r in table
+    ]
+    rule = (
+        "| " + " | ".join(":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |"
+    )
     _, settings, _, _ = _layout(cells)
     constant = [d for d in SETTING if d not in varying]
     caption = "  ·  ".join(f"{d} {settings[0][SETTING.index(d)]}" for d in constant)
@@ -479,8 +554,20 @@ def to_markdown(cells: pd.DataFrame, digits: int = 2) -> str:
     return head + "\n".join([lines[0], rule] + lines[1:]) + "\n"
 
 
-_TEX_ESCAPES = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                              "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"})
+_TEX_ESCAPES = str.maketrans(
+    {
+        "\\": r"\textbackslash{}",
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\^{}",
+    }
+)
 
 
 def _tex(text: str) -> str:
@@ -498,23 +585,36 @@ def to_latex(cells: pd.DataFrame, digits: int = 2, caption: str | None = None, l
     dims = grid.varying if len(settings) > 1 else SETTING
     constant = [d for d in SETTING if d not in dims]
     if caption is None:
-        caption = (r"Mean $\pm$ sample std over seeds ($n$ seeds); best mean per column in bold.")
+        caption = r"Mean $\pm$ sample std over seeds ($n$ seeds); best mean per column in bold."
         if "published" in cells.columns:
             caption += r" pub.: published value; $\Delta$ = ours $-$ published."
         if constant:
-            caption += " " + ", ".join(_tex(PRETTY.get(settings[0][SETTING.index(d)], settings[0][SETTING.index(d)]))
-                                       for d in constant) + "."
+            caption += (
+                " "
+                + ", ".join(
+                    _tex(PRETTY.get(settings[0][SETTING.index(d)], settings[0][SETTING.index(d)])) for d in constant
+                )
+                + "."
+            )
     colspec = "@{}l" + "".join(" " + "r" * (stop - start) for _, start, stop in spans) + "@{}"
-    groups = " & ".join(rf"\multicolumn{{{stop - start}}}{{c}}{{{_tex(_setting_label(s, dims, pretty=True))}}}"
-                        for s, start, stop in spans)
+    groups = " & ".join(
+        rf"\multicolumn{{{stop - start}}}{{c}}{{{_tex(_setting_label(s, dims, pretty=True))}}}"
+        for s, start, stop in spans
+    )
     rules = "".join(rf"\cmidrule(lr){{{start + 2}-{stop + 1}}}" for _, start, stop in spans)
     lines = [
         "% Generated by python -m pilot.tables; needs \\usepackage{booktabs}",
-        r"\begin{table}[t]", r"  \centering", r"  \small",
-        rf"  \caption{{{caption}}}", rf"  \label{{{label}}}",
-        rf"  \begin{{tabular}}{{{colspec}}}", r"    \toprule",
-        rf"    & {groups} \\", rf"    {rules}",
-        "    Method & " + " & ".join(header) + r" \\", r"    \midrule",
+        r"\begin{table}[t]",
+        r"  \centering",
+        r"  \small",
+        rf"  \caption{{{caption}}}",
+        rf"  \label{{{label}}}",
+        rf"  \begin{{tabular}}{{{colspec}}}",
+        r"    \toprule",
+        rf"    & {groups} \\",
+        rf"    {rules}",
+        "    Method & " + " & ".join(header) + r" \\",
+        r"    \midrule",
     ]
     for (method, variant), line in zip(rows, body):
         name = _tex(PRETTY.get(method, method)) + (rf" {{\scriptsize[{_tex(variant)}]}}" if variant else "")
@@ -528,9 +628,19 @@ def to_latex(cells: pd.DataFrame, digits: int = 2, caption: str | None = None, l
 
 COLUMN_WIDTH_IN = 3.3
 DPI = 300
-STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
-         "legend.fontsize": 7, "legend.title_fontsize": 7, "svg.fonttype": "none", "axes.linewidth": 0.6,
-         "lines.linewidth": 1.0, "lines.markersize": 2.5}
+STYLE = {
+    "font.size": 7,
+    "axes.titlesize": 7,
+    "axes.labelsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "svg.fonttype": "none",
+    "axes.linewidth": 0.6,
+    "lines.linewidth": 1.0,
+    "lines.markersize": 2.5,
+}
 HEATMAP_SIZE_IN = (COLUMN_WIDTH_IN, 3.0)
 
 
@@ -540,12 +650,17 @@ def curve_data(results: Results, cells: pd.DataFrame) -> pd.DataFrame:
     keep = cells[ROW + SETTING].drop_duplicates()
     runs = results.runs.merge(keep, on=ROW + SETTING)[ROW + SETTING + ["run_dir"]]
     rows = results.sessions.merge(runs, on=["run_dir", "method", "dataset", "backbone", "scenario"])
-    curves = (rows.groupby(ROW + SETTING + ["session", "n_seen"], sort=False)["acc"]
-              .agg(mean="mean", std=lambda v: v.std(ddof=1), min="min", max="max", n="size").reset_index())
+    curves = (
+        rows.groupby(ROW + SETTING + ["session", "n_seen"], sort=False)["acc"]
+        .agg(mean="mean", std=lambda v: v.std(ddof=1), min="min", max="max", n="size")
+        .reset_index()
+    )
     rank = {key: i for i, key in enumerate(dict.fromkeys(zip(cells["method"], cells["variant"])))}
     settings = {key: i for i, key in enumerate(dict.fromkeys(zip(*(cells[d] for d in SETTING))))}
-    order = [(settings[tuple(r[d] for d in SETTING)], rank[(r["method"], r["variant"])], r["session"])
-             for r in curves.to_dict("records")]
+    order = [
+        (settings[tuple(r[d] for d in SETTING)], rank[(r["method"], r["variant"])], r["session"])
+        for r in curves.to_dict("records")
+    ]
     return curves.iloc[sorted(range(len(curves)), key=order.__getitem__)].reset_index(drop=True)
 
 
@@ -557,8 +672,9 @@ def curve_figure_size(labels: Sequence[str]) -> tuple[int, tuple[float, float]]:
     return columns, (COLUMN_WIDTH_IN, round(2.0 + 0.2 * rows, 2))
 
 
-def plot_curves(curves: pd.DataFrame, out_dir: Path, published: pd.DataFrame | None = None,
-                formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+def plot_curves(
+    curves: pd.DataFrame, out_dir: Path, published: pd.DataFrame | None = None, formats: Sequence[str] = ("png", "svg")
+) -> list[Path]:
     """One figure per setting: accuracy after each session against the classes seen, one line per
     method (mean over seeds) with a min–max band over seeds; published per-session values, when
     given and known for the setting, dashed with open markers in the method's colour."""
@@ -573,10 +689,14 @@ def plot_curves(curves: pd.DataFrame, out_dir: Path, published: pd.DataFrame | N
         colors = _colors(len(order))
         for setting, data in curves.groupby(SETTING, sort=False):
             lines = list(dict.fromkeys(zip(data["method"], data["variant"])))
-            references = {m: _published_curve(published, m, setting, data[data["method"] == m])
-                          for m, _ in lines} if published is not None else {}
-            labels = [_row_label(m, v) for m, v in lines] + (["published (dashed)"] if any(
-                r is not None for r in references.values()) else [])
+            references = (
+                {m: _published_curve(published, m, setting, data[data["method"] == m]) for m, _ in lines}
+                if published is not None
+                else {}
+            )
+            labels = [_row_label(m, v) for m, v in lines] + (
+                ["published (dashed)"] if any(r is not None for r in references.values()) else []
+            )
             columns, size = curve_figure_size(labels)
             fig = Figure(figsize=size, dpi=DPI, layout="constrained")
             ax = fig.add_subplot()
@@ -584,25 +704,32 @@ def plot_curves(curves: pd.DataFrame, out_dir: Path, published: pd.DataFrame | N
             for method, variant in lines:
                 line = data[(data["method"] == method) & (data["variant"] == variant)].sort_values("n_seen")
                 color = colors[order.index((method, variant))]
-                handles += ax.plot(line["n_seen"], line["mean"], marker="o", color=color,
-                                   label=_row_label(method, variant))
+                handles += ax.plot(
+                    line["n_seen"], line["mean"], marker="o", color=color, label=_row_label(method, variant)
+                )
                 if (line["n"] > 1).any():
                     ax.fill_between(line["n_seen"], line["min"], line["max"], color=color, alpha=0.2, lw=0)
-            for (method, variant) in lines:
+            for method, variant in lines:
                 ref = references.get(method)
                 if ref is not None and variant == next(v for m, v in lines if m == method):
                     color = colors[order.index((method, variant))]
                     ax.plot(ref["n_seen"], ref["value"], ls="--", marker="o", mfc="none", color=color, lw=0.8)
             if len(labels) > len(handles):
-                handles.append(Line2D([], [], ls="--", marker="o", mfc="none", color="0.3", lw=0.8,
-                                      label="published (dashed)"))
+                handles.append(
+                    Line2D([], [], ls="--", marker="o", mfc="none", color="0.3", lw=0.8, label="published (dashed)")
+                )
             ax.set_xlabel("classes seen")
             ax.set_ylabel("top-1 accuracy (%)")
             ax.set_title(" · ".join(setting))
             ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
             ax.grid(True, lw=0.3, alpha=0.5)
-            fig.legend(handles=handles, loc="outside lower center", ncols=columns, frameon=False,
-                       title="mean over seeds; band: min–max over seeds")
+            fig.legend(
+                handles=handles,
+                loc="outside lower center",
+                ncols=columns,
+                frameon=False,
+                title="mean over seeds; band: min–max over seeds",
+            )
             stem = out_dir / ("curves_" + "_".join(setting))
             for fmt in formats:
                 path = stem.parent / f"{stem.name}.{fmt}"
@@ -613,9 +740,14 @@ def plot_curves(curves: pd.DataFrame, out_dir: Path, published: pd.DataFrame | N
 
 def _published_curve(published: pd.DataFrame, method: str, setting: tuple, ours: pd.DataFrame) -> pd.DataFrame | None:
     """Published per-session points for a curve, placed at our ``n_seen`` of the same session."""
-    rows = published[(published["method"] == method) & (published["dataset"] == setting[0])
-                     & (published["backbone"] == setting[1]) & (published["scenario"] == setting[2])
-                     & (published["metric"] == "acc") & published["session"].notna()]
+    rows = published[
+        (published["method"] == method)
+        & (published["dataset"] == setting[0])
+        & (published["backbone"] == setting[1])
+        & (published["scenario"] == setting[2])
+        & (published["metric"] == "acc")
+        & published["session"].notna()
+    ]
     if rows.empty:
         return None
     rows = rows.drop_duplicates(["source", "session"]).loc[lambda d: d["source"] == d["source"].iloc[0]]
@@ -626,6 +758,7 @@ def _published_curve(published: pd.DataFrame, method: str, setting: tuple, ours:
 
 def _colors(n: int) -> list:
     from matplotlib import colormaps
+
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -665,8 +798,9 @@ def plot_heatmap(run_dir: str | Path, out_dir: Path, formats: Sequence[str] = ("
                 for j in range(k + 1):
                     if not np.isnan(R[k, j]):
                         text = f"{R[k, j]:.1f}" if size <= 6 else f"{R[k, j]:.0f}"
-                        ax.text(j, k, text, ha="center", va="center", fontsize=7,
-                                color="black" if R[k, j] > 60 else "white")
+                        ax.text(
+                            j, k, text, ha="center", va="center", fontsize=7, color="black" if R[k, j] > 60 else "white"
+                        )
         ticks = np.arange(size) if size <= 12 else np.arange(0, size, max(1, size // 10))
         ax.set_xticks(ticks, [str(t + 1) for t in ticks])
         ax.set_yticks(ticks, [str(t + 1) for t in ticks])
@@ -699,21 +833,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pilot.tables",
         description="Paper tables and plots from pilot's result CSVs (sessions.csv of every run under RESULTS_DIR).",
         epilog="Example: python -m pilot.tables results/multirun --methods simplecil,l2p,dualprompt,coda "
-               "--metrics acc_avg,acc_last,forgetting,time --compare --plots")
+        "--metrics acc_avg,acc_last,forgetting,time --compare --plots",
+    )
     parser.add_argument("results", nargs="*", help="directories searched recursively for sessions.csv")
     parser.add_argument("--out", help="output directory (default: <first RESULTS dir>/tables)")
     parser.add_argument("--methods", help="comma list: rows to keep, in this order (default: all)")
     parser.add_argument("--datasets", help="comma list of datasets to keep, in this order")
     parser.add_argument("--backbones", help="comma list of backbones to keep, in this order")
     parser.add_argument("--scenarios", help="comma list of scenarios to keep (e.g. B0Inc10,B0Inc20), in this order")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                        help=f"comma list of {', '.join(METRICS)} (default: %(default)s)")
+    parser.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        help=f"comma list of {', '.join(METRICS)} (default: %(default)s)",
+    )
     parser.add_argument("--digits", type=int, default=2, help="decimals shown (default: %(default)s)")
-    parser.add_argument("--compare", nargs="?", const=str(DEFAULT_PUBLISHED), metavar="PUBLISHED_CSV",
-                        help=f"add published values and ours − published (default file: {DEFAULT_PUBLISHED})")
+    parser.add_argument(
+        "--compare",
+        nargs="?",
+        const=str(DEFAULT_PUBLISHED),
+        metavar="PUBLISHED_CSV",
+        help=f"add published values and ours − published (default file: {DEFAULT_PUBLISHED})",
+    )
     parser.add_argument("--plots", action="store_true", help="accuracy-vs-classes curves per setting (PNG, SVG)")
-    parser.add_argument("--heatmap", action="append", default=[], metavar="RUN_DIR",
-                        help="accuracy-matrix heat map of this run (PNG, SVG); repeatable")
+    parser.add_argument(
+        "--heatmap",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="accuracy-matrix heat map of this run (PNG, SVG); repeatable",
+    )
     parser.add_argument("--caption", help="LaTeX caption (default: says what the cells are)")
     parser.add_argument("--label", default="tab:results", help="LaTeX label (default: %(default)s)")
     return parser
@@ -741,10 +889,19 @@ def _main(args: argparse.Namespace) -> int:
         raise TablesError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     out_dir = Path(args.out) if args.out else Path(args.results[0]) / "tables"
     results = load_results(args.results)
-    filters = dict(methods=_list(args.methods), datasets=_list(args.datasets), backbones=_list(args.backbones),
-                   scenarios=_list(args.scenarios))
-    cells = summarize(results.runs, metrics) if len(results.runs) else pd.DataFrame(
-        columns=ROW + SETTING + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs"])
+    filters = dict(
+        methods=_list(args.methods),
+        datasets=_list(args.datasets),
+        backbones=_list(args.backbones),
+        scenarios=_list(args.scenarios),
+    )
+    cells = (
+        summarize(results.runs, metrics)
+        if len(results.runs)
+        else pd.DataFrame(
+            columns=ROW + SETTING + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs"]
+        )
+    )
     for name, wanted in filters.items():
         column = name[:-1]
         missing = [w for w in wanted or [] if w not in set(cells[column])]

@@ -65,9 +65,30 @@ TARGETS = {
     "slca": {"train_ips": 900, "eval_ips": 4000},
 }
 WHOLE_RUN_TARGET_S = 30.0
-COLUMNS = ["timestamp", "commit", "device", "torch", "timm", "cuda", "method", "data", "precision", "batch_size",
-           "eval_batch_size", "epochs", "train_images", "test_images", "train_ips", "fit_ips", "eval_ips",
-           "feature_ips", "peak_mem_gb", "session_s", "whole_run_s", "note"]
+COLUMNS = [
+    "timestamp",
+    "commit",
+    "device",
+    "torch",
+    "timm",
+    "cuda",
+    "method",
+    "data",
+    "precision",
+    "batch_size",
+    "eval_batch_size",
+    "epochs",
+    "train_images",
+    "test_images",
+    "train_ips",
+    "fit_ips",
+    "eval_ips",
+    "feature_ips",
+    "peak_mem_gb",
+    "session_s",
+    "whole_run_s",
+    "note",
+]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -108,9 +129,18 @@ def _sync() -> None:
 
 def _config(method: str, data: list[str], args: argparse.Namespace) -> DictConfig:
     backbone = ["backbone=vit_test_tiny"] if args.tiny else ["backbone=vit_b16_in1k", "backbone.pretrained=false"]
-    cfg = compose_config([f"+method={method}", *data, *backbone, "logger=csv", "runtime.progress=false",
-                          f"runtime.precision={args.precision}", f"runtime.num_workers={args.workers}",
-                          f"runtime.device={args.device}"])
+    cfg = compose_config(
+        [
+            f"+method={method}",
+            *data,
+            *backbone,
+            "logger=csv",
+            "runtime.progress=false",
+            f"runtime.precision={args.precision}",
+            f"runtime.num_workers={args.workers}",
+            f"runtime.device={args.device}",
+        ]
+    )
     with open_dict(cfg):
         if "epochs" in cfg.method:
             cfg.method.epochs = 1
@@ -129,8 +159,10 @@ def bench_learner(method: str, data_kind: str, data: list[str], args: argparse.N
         session = pipeline.session(info)
         timed = info.index == 1
         if timed and args.profile:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                              + ([torch.profiler.ProfilerActivity.CUDA] if runtime.is_cuda else []))
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if runtime.is_cuda else [])
+            )
             profiler.__enter__()
         runtime.reset_peak_memory()
         _sync()
@@ -150,8 +182,13 @@ def bench_learner(method: str, data_kind: str, data: list[str], args: argparse.N
         if profiler is not None:
             profiler.__exit__(None, None, None)
         if timed:
-            times = {"train": trained - start, "fit": fitted - start, "eval": done - fitted, "session": done - start,
-                     "peak": runtime.peak_memory_mb() / 1024}
+            times = {
+                "train": trained - start,
+                "fit": fitted - start,
+                "eval": done - fitted,
+                "session": done - start,
+                "peak": runtime.peak_memory_mb() / 1024,
+            }
     info = parts.scenario.sessions[1]
     n_train = len(pipeline.indices(TRAIN, info.new_classes))
     n_test = int(evaluator.n[: info.index + 1].sum())
@@ -164,13 +201,22 @@ def bench_learner(method: str, data_kind: str, data: list[str], args: argparse.N
         if args.profile_trace:
             profiler.export_chrome_trace(str(Path(args.profile_trace) / f"trace_{method}_{data_kind}.json"))
     return {
-        "method": method, "data": data_kind, "precision": args.precision,
-        "batch_size": int(cfg.method.get("batch_size", 0)), "eval_batch_size": int(learner.eval_batch_size),
-        "epochs": epochs, "train_images": n_train, "test_images": n_test,
+        "method": method,
+        "data": data_kind,
+        "precision": args.precision,
+        "batch_size": int(cfg.method.get("batch_size", 0)),
+        "eval_batch_size": int(learner.eval_batch_size),
+        "epochs": epochs,
+        "train_images": n_train,
+        "test_images": n_test,
         "train_ips": n_train * epochs / times["train"] if epochs else math.nan,
         "fit_ips": n_train * epochs / times["fit"] if epochs else math.nan,
-        "eval_ips": n_test / times["eval"], "feature_ips": feature_ips,
-        "peak_mem_gb": times["peak"], "session_s": times["session"], "whole_run_s": math.nan, "note": "",
+        "eval_ips": n_test / times["eval"],
+        "feature_ips": feature_ips,
+        "peak_mem_gb": times["peak"],
+        "session_s": times["session"],
+        "whole_run_s": math.nan,
+        "note": "",
     }
 
 
@@ -189,8 +235,11 @@ def _feature_pass(learner, session, runtime, n_train: int) -> float:
 
 def bench_whole_simplecil_run(args: argparse.Namespace) -> dict[str, Any]:
     """A complete SimpleCIL run of CIFAR-100 B0Inc10 on synthetic CIFAR-shaped data."""
-    size = ["dataset.num_classes=10", "dataset.train_per_class=20", "dataset.test_per_class=10"] if args.tiny else \
-        ["dataset.num_classes=100", "dataset.train_per_class=500", "dataset.test_per_class=100"]
+    size = (
+        ["dataset.num_classes=10", "dataset.train_per_class=20", "dataset.test_per_class=10"]
+        if args.tiny
+        else ["dataset.num_classes=100", "dataset.train_per_class=500", "dataset.test_per_class=100"]
+    )
     cfg = _config("simplecil", ["dataset=synthetic", *size, "scenario=b0inc10"], args)
     with tempfile.TemporaryDirectory() as run_dir:
         _sync()
@@ -198,11 +247,18 @@ def bench_whole_simplecil_run(args: argparse.Namespace) -> dict[str, Any]:
         table = run(cfg, run_dir)
         _sync()
         seconds = time.perf_counter() - start
-    return {"method": "simplecil", "data": "synthetic-cifar100-b0inc10-run", "precision": args.precision,
-            "batch_size": int(cfg.method.batch_size), "eval_batch_size": int(cfg.method.eval_batch_size),
-            "epochs": 0, "train_images": int(cfg.dataset.num_classes * cfg.dataset.train_per_class),
-            "test_images": int(table["n_test"].iloc[-1]), "whole_run_s": seconds,
-            "note": f"A_last {table['acc'].iloc[-1]:.2f} (random weights)"}
+    return {
+        "method": "simplecil",
+        "data": "synthetic-cifar100-b0inc10-run",
+        "precision": args.precision,
+        "batch_size": int(cfg.method.batch_size),
+        "eval_batch_size": int(cfg.method.eval_batch_size),
+        "epochs": 0,
+        "train_images": int(cfg.dataset.num_classes * cfg.dataset.train_per_class),
+        "test_images": int(table["n_test"].iloc[-1]),
+        "whole_run_s": seconds,
+        "note": f"A_last {table['acc'].iloc[-1]:.2f} (random weights)",
+    }
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -210,14 +266,20 @@ def environment() -> dict[str, str]:
     import timm
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "device": device, "torch": torch.__version__, "timm": timm.__version__,
-            "cuda": torch.version.cuda or ""}
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "device": device,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda or "",
+    }
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -228,16 +290,34 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else
-                                 ("" if isinstance(v, float) else v)) for k, v in row.items()})
+            writer.writerow(
+                {
+                    k: (
+                        f"{v:.4g}"
+                        if isinstance(v, float) and not math.isnan(v)
+                        else ("" if isinstance(v, float) else v)
+                    )
+                    for k, v in row.items()
+                }
+            )
 
 
 def print_summary(rows: list[dict[str, Any]], tiny: bool) -> None:
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    shown = ["method", "data", "batch_size", "train_ips", "fit_ips", "eval_ips", "feature_ips", "peak_mem_gb",
-             "session_s", "whole_run_s"]
+    shown = [
+        "method",
+        "data",
+        "batch_size",
+        "train_ips",
+        "fit_ips",
+        "eval_ips",
+        "feature_ips",
+        "peak_mem_gb",
+        "session_s",
+        "whole_run_s",
+    ]
     print(table[[c for c in shown if c in table]].to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     if tiny:
         print("--tiny: a check of the script; these numbers are not comparable with the targets")
@@ -247,10 +327,14 @@ def print_summary(rows: list[dict[str, Any]], tiny: bool) -> None:
             value = row.get(metric, math.nan)
             if isinstance(value, float) and not math.isnan(value):
                 verdict = "meets" if value >= target else "MISSES"
-                print(f"target {row['method']:>10} {row['data']:<9} {metric:<11} >= {target:5d}: {value:8.1f}  {verdict}")
+                print(
+                    f"target {row['method']:>10} {row['data']:<9} {metric:<11} >= {target:5d}: {value:8.1f}  {verdict}"
+                )
         if not math.isnan(row.get("whole_run_s", math.nan)):
             verdict = "meets" if row["whole_run_s"] <= WHOLE_RUN_TARGET_S else "MISSES"
-            print(f"target whole SimpleCIL CIFAR-100 B0Inc10 run <= {WHOLE_RUN_TARGET_S:.0f} s: {row['whole_run_s']:.1f} s  {verdict}")
+            seconds = row["whole_run_s"]
+            target = f"target whole SimpleCIL CIFAR-100 B0Inc10 run <= {WHOLE_RUN_TARGET_S:.0f} s"
+            print(f"{target}: {seconds:.1f} s  {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,11 +355,21 @@ def main(argv: list[str] | None = None) -> int:
 
     classes, per_train, per_test = (4, 16, 8) if args.tiny else (20, 500, 100)
     sources = {
-        "synthetic": lambda: ["dataset=synthetic", f"dataset.num_classes={classes}", f"dataset.train_per_class={per_train}",
-                              f"dataset.test_per_class={per_test}", "dataset.image_size=32",
-                              f"scenario.init_cls={classes // 2}", f"scenario.increment={classes // 2}"],
-        "jpeg": lambda: ["dataset=image_folder", f"dataset.root={make_jpeg_folder(Path(args.jpeg_dir), classes, per_train, per_test)}",
-                         f"scenario.init_cls={classes // 2}", f"scenario.increment={classes // 2}"],
+        "synthetic": lambda: [
+            "dataset=synthetic",
+            f"dataset.num_classes={classes}",
+            f"dataset.train_per_class={per_train}",
+            f"dataset.test_per_class={per_test}",
+            "dataset.image_size=32",
+            f"scenario.init_cls={classes // 2}",
+            f"scenario.increment={classes // 2}",
+        ],
+        "jpeg": lambda: [
+            "dataset=image_folder",
+            f"dataset.root={make_jpeg_folder(Path(args.jpeg_dir), classes, per_train, per_test)}",
+            f"scenario.init_cls={classes // 2}",
+            f"scenario.increment={classes // 2}",
+        ],
     }
     env = environment()
     rows = []

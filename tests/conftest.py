@@ -20,8 +20,14 @@ from pilot.config import compose_config as compose  # noqa: E402
 from pilot.run import run  # noqa: E402
 
 # A fast test setting: tiny random ViT, synthetic data, CSV only, no progress bars, on the CPU.
-FAST = ["backbone=vit_test_tiny", "dataset=synthetic", "logger=csv", "runtime.device=cpu",
-        "runtime.progress=false", "runtime.cpu_threads=2"]
+FAST = [
+    "backbone=vit_test_tiny",
+    "dataset=synthetic",
+    "logger=csv",
+    "runtime.device=cpu",
+    "runtime.progress=false",
+    "runtime.cpu_threads=2",
+]
 
 
 def compose_config(overrides: list[str], results_dir: Path | None = None) -> DictConfig:

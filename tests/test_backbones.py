@@ -9,8 +9,13 @@ import timm
 import torch
 
 from pilot.backbones import factory
-from pilot.backbones.efficientnet_lite0 import (MODEL_NAME, create_efficientnet_lite0, load_imagenet_model,
-                                                map_weight_names, package_weights_path)
+from pilot.backbones.efficientnet_lite0 import (
+    MODEL_NAME,
+    create_efficientnet_lite0,
+    load_imagenet_model,
+    map_weight_names,
+    package_weights_path,
+)
 from pilot.backbones.factory import create_timm_backbone
 from pilot.errors import ConfigError, WeightsUnavailableError
 
@@ -29,9 +34,15 @@ def _imagenet_top1(model: torch.nn.Module, image) -> tuple[int, float]:
     from PIL import Image
     from torchvision.transforms import v2
 
-    tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                     v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(224),
-                     v2.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    tf = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(224),
+            v2.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
     with torch.inference_mode():
         probs = model.eval()(tf(Image.fromarray(image))[None]).softmax(-1)[0]
     return int(probs.argmax()), float(probs.max())

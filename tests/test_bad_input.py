@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_config, run_config
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from conftest import compose_config, run_config
 from pilot.errors import ConfigError, DatasetError, WeightsUnavailableError
 
 
@@ -16,10 +16,13 @@ def test_unknown_dataset_root(tmp_path, fast):
     assert not (tmp_path / "run" / "sessions.csv").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("scenario.init_cls=20", "init_cls=20 exceeds the 10 classes"),
-    ("scenario.increment=0", "must both be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("scenario.init_cls=20", "init_cls=20 exceeds the 10 classes"),
+        ("scenario.increment=0", "must both be >= 1"),
+    ],
+)
 def test_split_that_does_not_fit_the_classes(tmp_path, fast, override, message):
     with pytest.raises(ConfigError, match=message):
         run_config(fast + ["+method=simplecil", override], tmp_path / "run")
@@ -64,8 +67,10 @@ def test_misspelt_key_on_the_command_line(tmp_path, fast):
 
 def test_misspelt_key_in_a_config_node_names_the_valid_ones(tmp_path, fast):
     # A typo that reaches the config (e.g. in a user's YAML preset) is caught before anything is built.
-    with pytest.raises(ConfigError, match="method.batchsize is not a parameter of .*SimpleCIL. "
-                                          "Its parameters are: batch_size, eval_batch_size"):
+    with pytest.raises(
+        ConfigError,
+        match="method.batchsize is not a parameter of .*SimpleCIL. Its parameters are: batch_size, eval_batch_size",
+    ):
         run_config(fast + ["+method=simplecil", "+method.batchsize=8"], tmp_path / "run")
 
 

@@ -47,7 +47,9 @@ def test_fashion_mnist_variants(tmp_path):
         fashion_mnist(root=str(tmp_path), variant="full", system_root=str(tmp_path))
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist not installed"
+)
 def test_full_fashion_mnist_from_the_debian_package(tmp_path):
     data = fashion_mnist(root=str(tmp_path), variant="auto")
     assert tuple(data.train.images.shape) == (60000, 1, 28, 28) and len(data.test) == 10000
@@ -99,8 +101,12 @@ def test_unreadable_image_is_named_when_loaded(tmp_path):
     broken = tmp_path / "test" / "a" / "img0.png"
     broken.write_bytes(b"not a png")
     data = image_folder(str(tmp_path))
-    pipeline = DataPipeline(data, make_scenario(1, 1, 1, "natural"), ImageTransforms(8),
-                            make_runtime(device="cpu", num_workers=0, progress=False))
+    pipeline = DataPipeline(
+        data,
+        make_scenario(1, 1, 1, "natural"),
+        ImageTransforms(8),
+        make_runtime(device="cpu", num_workers=0, progress=False),
+    )
     with pytest.raises(DatasetError, match=f"Cannot read image {broken}"):
         next(iter(pipeline.batches("test", range(0, 1), batch_size=2))).images
 

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from conftest import run_config
 from torch.optim import SGD
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from conftest import run_config
 from pilot.backbones.adapters import multi_adapter_features
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.factory import create_timm_backbone
@@ -37,8 +37,12 @@ E = math.e
 # ---------------------------------------------------------------------------------- helpers
 def tiny_vit(seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
-    return create_timm_backbone("vit_tiny_patch16_224", pretrained=False, input_size=32,
-                                model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=6, num_heads=3))
+    return create_timm_backbone(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        input_size=32,
+        model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=6, num_heads=3),
+    )
 
 
 def tiny_setup(num_classes: int = 6, init_cls: int = 2, increment: int = 2):
@@ -62,9 +66,9 @@ def all_logits(learner, pipeline, total: int) -> torch.Tensor:
 def test_prototype_complement_on_a_hand_made_example():
     # Two sessions: session 0 = classes 0,1; session 1 = classes 2,3,4. D = 2.
     P = torch.zeros(5, 2, 2)
-    P[0, 0], P[1, 0] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])            # Â (real)
-    P[2:, 0] = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])                    # A: new classes, subspace 0
-    P[2:, 1] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])                    # B: new classes, subspace 1
+    P[0, 0], P[1, 0] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # Â (real)
+    P[2:, 0] = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])  # A: new classes, subspace 0
+    P[2:, 1] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # B: new classes, subspace 1
     out = complement_prototypes(P, [0, 2, 5])
     # cos(Â, A) = [[1, 1, 0], [0, 0, 1]]; row softmax (temperature 1); W @ B.
     row0 = (E * np.array([1, 0]) + E * np.array([0, 1]) + np.array([1, 1])) / (2 * E + 1)
@@ -87,13 +91,15 @@ def test_prototype_complement_on_a_hand_made_example():
 def test_ensemble_logits_on_hand_made_features():
     # T = 2 (three subspaces), classes 0,1 of session 0, class 2 of session 1, class 3 of session 2.
     ex, ey = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    f = torch.stack([ex, ey, 2 * ex]).unsqueeze(0)                     # [1, 3, 2], norms irrelevant
-    P = torch.stack([
-        torch.stack([ex, ex, ex]),            # class 0: cos = 1, 0, 1
-        torch.stack([ey, ey, -ex]),           # class 1: cos = 0, 1, -1
-        torch.stack([ex, 5 * ey, ey]),        # class 2: cos = 1, 1, 0
-        torch.stack([-ex, ey, 3 * ex]),       # class 3: cos = -1, 1, 1
-    ])
+    f = torch.stack([ex, ey, 2 * ex]).unsqueeze(0)  # [1, 3, 2], norms irrelevant
+    P = torch.stack(
+        [
+            torch.stack([ex, ex, ex]),  # class 0: cos = 1, 0, 1
+            torch.stack([ey, ey, -ex]),  # class 1: cos = 0, 1, -1
+            torch.stack([ex, 5 * ey, ey]),  # class 2: cos = 1, 1, 0
+            torch.stack([-ex, ey, 3 * ex]),  # class 3: cos = -1, 1, 1
+        ]
+    )
     sessions = torch.tensor([0, 0, 1, 2])
     w = 0.1 / 2
     expected = [1 + w * (0 + 1), 0 + w * (1 - 1), 1 + w * (1 + 0), 1 + w * (-1 + 1)]
@@ -121,9 +127,12 @@ def test_ease_prototypes_are_class_means_in_every_subspace(ease_three_sessions):
     for j, adapter_set in enumerate(learner.adapters):  # the newest classes: real means under every set
         feats, labels = extract_features(
             lambda x, s=adapter_set: multi_adapter_features(learner.backbone, learner.backbone.vit, x, [s])[:, 0],
-            pipeline.batches(TRAIN, info.new_classes, 7), runtime)
-        torch.testing.assert_close(learner.prototypes[4:6, j], class_means(feats, labels, info.new_classes),
-                                   rtol=1e-4, atol=1e-5)
+            pipeline.batches(TRAIN, info.new_classes, 7),
+            runtime,
+        )
+        torch.testing.assert_close(
+            learner.prototypes[4:6, j], class_means(feats, labels, info.new_classes), rtol=1e-4, atol=1e-5
+        )
     # Old classes in later subspaces: the complement of the real entries.
     torch.testing.assert_close(learner.prototypes, complement_prototypes(learner.prototypes, [0, 2, 4, 6]))
     assert learner.prototypes[0:2, 2].abs().sum() > 0
@@ -173,8 +182,14 @@ def test_ease_checkpoint_restores_every_adapter_set(ease_three_sessions):
 def test_ease_on_vit_b16_trains_one_adapter_set_and_refuses_a_cnn():
     runtime, scenario, _ = tiny_setup(num_classes=20, init_cls=10, increment=10)
     torch.manual_seed(0)
-    vit_b = Backbone(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0),
-                     "vit_base_patch16_224", 224, None, None, pretrained=False)
+    vit_b = Backbone(
+        timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0),
+        "vit_base_patch16_224",
+        224,
+        None,
+        None,
+        pretrained=False,
+    )
     learner = EASE(vit_b, scenario, runtime)
     per_set = 12 * (768 * 64 + 64 + 64 * 768 + 768)
     assert per_set == 1_189_632  # METHODS.md §4.1: "≈1.19 M params per session"
@@ -187,8 +202,9 @@ def test_ease_on_vit_b16_trains_one_adapter_set_and_refuses_a_cnn():
     assert sum(p.numel() for p in learner.adapters.parameters()) == 2 * per_set
 
     torch.manual_seed(0)
-    resnet = Backbone(timm.create_model("resnet18", pretrained=False, num_classes=0), "resnet18", 32,
-                      None, None, pretrained=False)
+    resnet = Backbone(
+        timm.create_model("resnet18", pretrained=False, num_classes=0), "resnet18", 32, None, None, pretrained=False
+    )
     with pytest.raises(IncompatibleBackboneError, match="ResNet"):
         EASE(resnet, scenario, runtime)
 
@@ -223,15 +239,14 @@ def test_class_statistics_match_torch_cov_and_samples_reproduce_them():
 
 
 def test_logit_normalisation_and_mean_scaling_by_hand():
-    logits = torch.tensor([[3.0, 4.0, 0.0, 5.0, 0.0],
-                           [1.0, 0.0, 0.0, 2.0, 0.0]])
+    logits = torch.tensor([[3.0, 4.0, 0.0, 5.0, 0.0], [1.0, 0.0, 0.0, 2.0, 0.0]])
     blocks = torch.tensor([0, 0, 1, 1, 1])
     # sample 0: block norms 5 and 5 -> mean 5; sample 1: norms 1 and 2 -> mean 1.5; then / tau = 0.1
-    expected = torch.tensor([[6.0, 8.0, 0.0, 10.0, 0.0],
-                             [1 / 0.15, 0.0, 0.0, 2 / 0.15, 0.0]])
+    expected = torch.tensor([[6.0, 8.0, 0.0, 10.0, 0.0], [1 / 0.15, 0.0, 0.0, 2 / 0.15, 0.0]])
     torch.testing.assert_close(session_normalized_logits(logits, blocks, 0.1), expected, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(mean_scale(torch.tensor([0, 1, 2]), 2),
-                               torch.tensor([0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        mean_scale(torch.tensor([0, 1, 2]), 2), torch.tensor([0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0], dtype=torch.float64)
+    )
 
 
 def test_true_session_vs_reference_mapping_on_an_unequal_split():
@@ -261,8 +276,9 @@ def test_alignment_corrects_a_head_biased_towards_the_newest_session():
     means += 2.0
     store = ClassGaussians(d)
     store.grow(c)
-    store.update(means.repeat_interleave(50, 0) + 0.3 * torch.randn(c * 50, d), torch.arange(c).repeat_interleave(50),
-                 range(c))
+    store.update(
+        means.repeat_interleave(50, 0) + 0.3 * torch.randn(c * 50, d), torch.arange(c).repeat_interleave(50), range(c)
+    )
     head = torch.nn.Linear(d, c)
     with torch.no_grad():
         head.weight.copy_(means - means.mean(0))
@@ -272,9 +288,17 @@ def test_alignment_corrects_a_head_biased_towards_the_newest_session():
     with torch.no_grad():
         before = (head(x).argmax(1) == y).float().mean()
     sessions = torch.tensor([0, 0, 1, 1, 2, 2])
-    losses = align_classifier(head, store, sessions, sessions, current_session=2, epochs=3,
-                              optimizer=partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4), runtime=runtime,
-                              scheduler=partial(CosineAnnealingLR, T_max=3))
+    losses = align_classifier(
+        head,
+        store,
+        sessions,
+        sessions,
+        current_session=2,
+        epochs=3,
+        optimizer=partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        runtime=runtime,
+        scheduler=partial(CosineAnnealingLR, T_max=3),
+    )
     with torch.no_grad():
         after = (head(x).argmax(1) == y).float().mean()
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -292,8 +316,11 @@ def test_slca_stage1_freezes_old_heads_and_evaluates_with_aligned_copies(monkeyp
 
     def recording(batches, epochs, loss_fn, optimizer, runtime, scheduler=None, desc="train"):
         seen.append(([g["lr"] for g in optimizer.param_groups], optimizer.defaults, scheduler.milestones))
-        optimizer.register_step_pre_hook(lambda *_: grads.append(
-            ([p.grad for h in learner.heads[:-1] for p in h.parameters()], learner.heads[-1].weight.grad)))
+        optimizer.register_step_pre_hook(
+            lambda *_: grads.append(
+                ([p.grad for h in learner.heads[:-1] for p in h.parameters()], learner.heads[-1].weight.grad)
+            )
+        )
         return original(batches, epochs, loss_fn, optimizer, runtime, scheduler, desc)
 
     monkeypatch.setattr(slca_module, "train_epochs", recording)
@@ -333,8 +360,14 @@ def test_slca_stage1_freezes_old_heads_and_evaluates_with_aligned_copies(monkeyp
 def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     torch.manual_seed(0)
-    resnet = Backbone(timm.create_model("test_resnet", pretrained=False, num_classes=0), "test_resnet", 32,
-                      None, None, pretrained=False)  # a tiny timm ResNet with BatchNorm
+    resnet = Backbone(
+        timm.create_model("test_resnet", pretrained=False, num_classes=0),
+        "test_resnet",
+        32,
+        None,
+        None,
+        pretrained=False,
+    )  # a tiny timm ResNet with BatchNorm
     learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32)
     bn = resnet.model.bn1
     running = bn.running_mean.clone()
@@ -343,8 +376,9 @@ def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
     assert not resnet.training
     # Class statistics come from the backbone in eval mode.
     feats, labels = extract_features(resnet, pipeline.batches(TRAIN, range(2), 32), runtime)
-    torch.testing.assert_close(learner.stats.means[:2].float(), class_means(feats, labels, range(2)),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        learner.stats.means[:2].float(), class_means(feats, labels, range(2)), rtol=1e-4, atol=1e-5
+    )
     logits = learner.predict(next(iter(pipeline.batches(TEST, range(2), 16))))
     assert logits.shape == (16, 2) and torch.isfinite(logits).all()
 
@@ -353,8 +387,9 @@ def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
 @pytest.mark.parametrize("method", ["ease", "slca"])
 def test_three_sessions_through_hydra(tmp_path, fast, method):
     run_dir = tmp_path / "run"
-    table = run_config(fast + [f"+method={method}", "scenario=b0inc2", "dataset.num_classes=6", "method.epochs=1"],
-                       run_dir)
+    table = run_config(
+        fast + [f"+method={method}", "scenario=b0inc2", "dataset.num_classes=6", "method.epochs=1"], run_dir
+    )
     sessions = pd.read_csv(run_dir / "sessions.csv")
     assert len(sessions) == 3 and sessions["n_seen"].tolist() == [2, 4, 6]
     assert (sessions["method"] == method).all()

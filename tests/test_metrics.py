@@ -12,9 +12,7 @@ from pilot.eval.evaluator import Evaluator
 
 NAN = np.nan
 # Three sessions with unequal test sizes (100, 50, 50 images).
-R3 = np.array([[90.0, NAN, NAN],
-               [80.0, 70.0, NAN],
-               [85.0, 60.0, 50.0]])
+R3 = np.array([[90.0, NAN, NAN], [80.0, 70.0, NAN], [85.0, 60.0, 50.0]])
 N3 = np.array([100, 50, 50])
 
 
@@ -24,8 +22,9 @@ def test_accuracy_is_sample_weighted():
 
 
 def test_average_incremental_accuracy_is_the_running_mean():
-    np.testing.assert_allclose(metrics.average_incremental_accuracy([90.0, 76.666667, 70.0]),
-                               [90.0, 83.333333, 78.888889], atol=1e-5)
+    np.testing.assert_allclose(
+        metrics.average_incremental_accuracy([90.0, 76.666667, 70.0]), [90.0, 83.333333, 78.888889], atol=1e-5
+    )
 
 
 def test_forgetting_uses_the_best_past_accuracy():

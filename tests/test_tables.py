@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import compose_config, run_config
 from PIL import Image
 
-from conftest import compose_config, run_config
 from pilot import tables
 from pilot.config import CONFIG_DIR
 from pilot.run import RunInterrupted
@@ -33,35 +33,73 @@ SQRT7, SQRT8, SQRT13 = math.sqrt(7), math.sqrt(8), math.sqrt(13)
 # Hand-written runs
 
 
-def write_run(run_dir: Path, *, method: str, seed: int, acc: list[float], dataset: str = "cifar100",
-              backbone: str = "vit_b16_in1k", scenario: str = "B0Inc10", num_sessions: int | None = None,
-              forgetting: float = float("nan"), elapsed_s: float = 60.0, method_cfg: dict | None = None,
-              finished_at: str = "2026-01-01T00:00:00+00:00", matrix: np.ndarray | None = None) -> Path:
+def write_run(
+    run_dir: Path,
+    *,
+    method: str,
+    seed: int,
+    acc: list[float],
+    dataset: str = "cifar100",
+    backbone: str = "vit_b16_in1k",
+    scenario: str = "B0Inc10",
+    num_sessions: int | None = None,
+    forgetting: float = float("nan"),
+    elapsed_s: float = 60.0,
+    method_cfg: dict | None = None,
+    finished_at: str = "2026-01-01T00:00:00+00:00",
+    matrix: np.ndarray | None = None,
+) -> Path:
     """A run directory as pilot.run writes it: sessions.csv (acc_avg = running mean of ``acc``;
     ``forgetting``/``elapsed_s`` on the last row), config.yaml, sessions.json and optionally matrix.csv."""
     method_cfg = method_cfg or {"_target_": f"pilot.learners.{method}.X", "init_lr": 0.01}
     group_id = f"{method}-{dataset}-{backbone}-{scenario}-" + "-".join(f"{k}{v}" for k, v in method_cfg.items())
     total = num_sessions or len(acc)
-    run = {"run_id": f"{group_id}-s{seed}", "group_id": group_id, "method": method, "dataset": dataset,
-           "backbone": backbone, "scenario": scenario, "seed": seed, "num_sessions": total}
+    run = {
+        "run_id": f"{group_id}-s{seed}",
+        "group_id": group_id,
+        "method": method,
+        "dataset": dataset,
+        "backbone": backbone,
+        "scenario": scenario,
+        "seed": seed,
+        "num_sessions": total,
+    }
     inc = int(scenario.split("Inc")[1])
     rows = []
     for k, a in enumerate(acc):
         last = k == len(acc) - 1
-        rows.append({**run, "session": k, "n_seen": inc * (k + 1), "n_new": inc, "acc": a,
-                     "acc_avg": float(np.mean(acc[: k + 1])), "forgetting": forgetting if last and k else float("nan"),
-                     "elapsed_s": elapsed_s * (k + 1) / len(acc), "peak_mem_mb": 1024.0 * (k + 1),
-                     "params_trainable": 1_500_000, "finished_at": finished_at})
+        rows.append(
+            {
+                **run,
+                "session": k,
+                "n_seen": inc * (k + 1),
+                "n_new": inc,
+                "acc": a,
+                "acc_avg": float(np.mean(acc[: k + 1])),
+                "forgetting": forgetting if last and k else float("nan"),
+                "elapsed_s": elapsed_s * (k + 1) / len(acc),
+                "peak_mem_mb": 1024.0 * (k + 1),
+                "params_trainable": 1_500_000,
+                "finished_at": finished_at,
+            }
+        )
     run_dir.mkdir(parents=True)
     pd.DataFrame(rows).reindex(columns=SESSION_COLUMNS).to_csv(run_dir / "sessions.csv", index=False)
-    config = {"seed": seed, "labels": {"method": method, "dataset": dataset, "backbone": backbone},
-              "scenario": {"init_cls": inc, "increment": inc, "class_order": "shuffle", "order_seed": seed},
-              "paths": {"results_dir": str(run_dir.parent)}, "method": method_cfg}
+    config = {
+        "seed": seed,
+        "labels": {"method": method, "dataset": dataset, "backbone": backbone},
+        "scenario": {"init_cls": inc, "increment": inc, "class_order": "shuffle", "order_seed": seed},
+        "paths": {"results_dir": str(run_dir.parent)},
+        "method": method_cfg,
+    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "sessions.json").write_text(pd.Series(run).to_json())
     if matrix is not None:
-        cells = [{**run, "session": k, "block": j, "acc": matrix[k, j], "n_test": 100}
-                 for k in range(len(matrix)) for j in range(k + 1)]
+        cells = [
+            {**run, "session": k, "block": j, "acc": matrix[k, j], "n_test": 100}
+            for k in range(len(matrix))
+            for j in range(k + 1)
+        ]
         pd.DataFrame(cells).reindex(columns=MATRIX_COLUMNS).to_csv(run_dir / "matrix.csv", index=False)
     return run_dir
 
@@ -74,31 +112,71 @@ def hand_results(tmp_path) -> Path:
     Plus an incomplete run and an older duplicate of simplecil seed 1, neither to be averaged."""
     root = tmp_path / "results"
     sweep = root / "multirun" / "2026-01-01_00-00-00"
-    write_run(sweep / "0_simplecil_cifar100_s1", method="simplecil", seed=1, acc=[90, 85, 80], forgetting=5,
-              elapsed_s=60, matrix=np.array([[90, np.nan, np.nan], [80, 90, np.nan], [70, 84, 87]]))
-    write_run(sweep / "1_simplecil_cifar100_s2", method="simplecil", seed=2, acc=[92, 84, 82], forgetting=6,
-              elapsed_s=120)
-    write_run(sweep / "2_simplecil_cifar100_s3", method="simplecil", seed=3, acc=[94, 89, 87], forgetting=10,
-              elapsed_s=180)
+    write_run(
+        sweep / "0_simplecil_cifar100_s1",
+        method="simplecil",
+        seed=1,
+        acc=[90, 85, 80],
+        forgetting=5,
+        elapsed_s=60,
+        matrix=np.array([[90, np.nan, np.nan], [80, 90, np.nan], [70, 84, 87]]),
+    )
+    write_run(
+        sweep / "1_simplecil_cifar100_s2", method="simplecil", seed=2, acc=[92, 84, 82], forgetting=6, elapsed_s=120
+    )
+    write_run(
+        sweep / "2_simplecil_cifar100_s3", method="simplecil", seed=3, acc=[94, 89, 87], forgetting=10, elapsed_s=180
+    )
     write_run(sweep / "3_l2p_cifar100_s1", method="l2p", seed=1, acc=[95, 90, 79], forgetting=12, elapsed_s=600)
-    write_run(sweep / "4_ease_cifar100_s1", method="ease", seed=1, acc=[80, 75, 70],
-              method_cfg={"_target_": "pilot.learners.ease.EASE", "init_lr": 0.01})
-    write_run(sweep / "5_ease_cifar100_s1", method="ease", seed=1, acc=[85, 80, 75],
-              method_cfg={"_target_": "pilot.learners.ease.EASE", "init_lr": 0.1})
+    write_run(
+        sweep / "4_ease_cifar100_s1",
+        method="ease",
+        seed=1,
+        acc=[80, 75, 70],
+        method_cfg={"_target_": "pilot.learners.ease.EASE", "init_lr": 0.01},
+    )
+    write_run(
+        sweep / "5_ease_cifar100_s1",
+        method="ease",
+        seed=1,
+        acc=[85, 80, 75],
+        method_cfg={"_target_": "pilot.learners.ease.EASE", "init_lr": 0.1},
+    )
     runs = root / "runs"
-    write_run(runs / "2026-01-02_simplecil_imagenet_r_s1", method="simplecil", seed=1, acc=[76, 64],
-              dataset="imagenet_r", scenario="B0Inc20")
-    write_run(runs / "2026-01-02_simplecil_imagenet_r_s2", method="simplecil", seed=2, acc=[72, 60],
-              dataset="imagenet_r", scenario="B0Inc20")
+    write_run(
+        runs / "2026-01-02_simplecil_imagenet_r_s1",
+        method="simplecil",
+        seed=1,
+        acc=[76, 64],
+        dataset="imagenet_r",
+        scenario="B0Inc20",
+    )
+    write_run(
+        runs / "2026-01-02_simplecil_imagenet_r_s2",
+        method="simplecil",
+        seed=2,
+        acc=[72, 60],
+        dataset="imagenet_r",
+        scenario="B0Inc20",
+    )
     write_run(runs / "2026-01-03_simplecil_cifar100_s4", method="simplecil", seed=4, acc=[10, 10], num_sessions=3)
-    write_run(runs / "2025-12-31_simplecil_cifar100_s1", method="simplecil", seed=1, acc=[0, 0, 0],
-              finished_at="2025-12-31T00:00:00+00:00")  # an older copy of the same run_id: superseded
+    write_run(
+        runs / "2025-12-31_simplecil_cifar100_s1",
+        method="simplecil",
+        seed=1,
+        acc=[0, 0, 0],
+        finished_at="2025-12-31T00:00:00+00:00",
+    )  # an older copy of the same run_id: superseded
     return root
 
 
 def cell(table: pd.DataFrame, method: str, metric: str, dataset: str = "cifar100", variant: str = "") -> pd.Series:
-    rows = table[(table["method"] == method) & (table["metric"] == metric) & (table["dataset"] == dataset)
-                 & (table["variant"].astype(object).fillna("") == variant)]
+    rows = table[
+        (table["method"] == method)
+        & (table["metric"] == metric)
+        & (table["dataset"] == dataset)
+        & (table["variant"].astype(object).fillna("") == variant)
+    ]
     assert len(rows) == 1, rows
     return rows.iloc[0]
 
@@ -123,25 +201,38 @@ def test_cells_are_mean_and_sample_std_over_seeds(hand_results):
     assert cell(cells, "ease", "acc_last", variant="method.init_lr=0.1")["mean"] == pytest.approx(75.0)
     # Incomplete and superseded runs are listed with their directory and sessions done/total.
     apart = results.incomplete.set_index(results.incomplete["run_dir"].map(lambda p: Path(p).name))
-    assert apart.loc["2026-01-03_simplecil_cifar100_s4", ["sessions_done", "num_sessions", "reason"]].tolist() == \
-        [2, 3, "incomplete"]
+    assert apart.loc["2026-01-03_simplecil_cifar100_s4", ["sessions_done", "num_sessions", "reason"]].tolist() == [
+        2,
+        3,
+        "incomplete",
+    ]
     assert apart.loc["2025-12-31_simplecil_cifar100_s1", "reason"].startswith("superseded")
     assert len(apart) == 2
 
 
 def test_markdown_latex_and_csv_outputs(hand_results, tmp_path, capsys):
     out = tmp_path / "out"
-    code = tables.main([str(hand_results), "--out", str(out), "--metrics", "acc_avg,acc_last",
-                        "--methods", "l2p,simplecil,ease"])
+    code = tables.main(
+        [str(hand_results), "--out", str(out), "--metrics", "acc_avg,acc_last", "--methods", "l2p,simplecil,ease"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     header = next(line for line in lines if line.startswith("| method"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "method", "cifar100 B0Inc10: Ā", "cifar100 B0Inc10: A_last", "cifar100 B0Inc10: n",
-        "imagenet_r B0Inc20: Ā", "imagenet_r B0Inc20: A_last", "imagenet_r B0Inc20: n"]
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines
-            if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| :")]
+        "method",
+        "cifar100 B0Inc10: Ā",
+        "cifar100 B0Inc10: A_last",
+        "cifar100 B0Inc10: n",
+        "imagenet_r B0Inc20: Ā",
+        "imagenet_r B0Inc20: A_last",
+        "imagenet_r B0Inc20: n",
+    ]
+    body = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in lines
+        if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| :")
+    ]
     assert body == [
         ["l2p", "**88.00**", "79.00", "1", "—", "—", "—"],
         ["simplecil", "87.00 ± 2.65", "**83.00** ± 3.61", "3", "68.00 ± 2.83", "62.00 ± 2.83", "2"],
@@ -159,16 +250,23 @@ def test_markdown_latex_and_csv_outputs(hand_results, tmp_path, capsys):
     assert r"\cmidrule(lr){2-4}\cmidrule(lr){5-7}" in tex
     assert r"Method & $\bar{A}$ & $A_\mathrm{last}$ & $n$ & $\bar{A}$ & $A_\mathrm{last}$ & $n$ \\" in tex
     assert r"L2P & \textbf{88.00} & 79.00 & 1 & -- & -- & -- \\" in tex
-    assert (r"SimpleCIL & 87.00\,{\scriptsize$\pm$2.65} & \textbf{83.00}\,{\scriptsize$\pm$3.61} & 3 & "
-            r"68.00\,{\scriptsize$\pm$2.83} & 62.00\,{\scriptsize$\pm$2.83} & 2 \\") in tex  # one row: no bold
+    assert (
+        r"SimpleCIL & 87.00\,{\scriptsize$\pm$2.65} & \textbf{83.00}\,{\scriptsize$\pm$3.61} & 3 & "
+        r"68.00\,{\scriptsize$\pm$2.83} & 62.00\,{\scriptsize$\pm$2.83} & 2 \\"
+    ) in tex  # one row: no bold
     assert r"EASE {\scriptsize[method.init\_lr=0.01]} & 75.00 & 70.00 & 1" in tex
     assert "ViT-B/16-IN1K." in tex  # the constant backbone goes in the caption
 
     csv = pd.read_csv(out / "table.csv")
     assert len(csv) == 2 * (4 + 1)  # 2 metrics x (l2p, simplecil, 2 x ease on cifar100 + simplecil on imagenet_r)
     row = cell(csv, "simplecil", "acc_last")
-    assert (row["mean"], row["std"], row["n"], row["seeds"], row["unit"]) == \
-        (pytest.approx(83.0), pytest.approx(SQRT13, abs=1e-9), 3, "1;2;3", "%")
+    assert (row["mean"], row["std"], row["n"], row["seeds"], row["unit"]) == (
+        pytest.approx(83.0),
+        pytest.approx(SQRT13, abs=1e-9),
+        3,
+        "1;2;3",
+        "%",
+    )
     assert math.isnan(cell(csv, "l2p", "acc_last")["std"])
     assert csv["method"].drop_duplicates().tolist() == ["l2p", "simplecil", "ease"]  # --methods order
     incomplete = pd.read_csv(out / "incomplete.csv")
@@ -177,8 +275,12 @@ def test_markdown_latex_and_csv_outputs(hand_results, tmp_path, capsys):
 
 def test_filters_select_settings_and_metrics(hand_results, tmp_path, capsys):
     out = tmp_path / "out"
-    assert tables.main([str(hand_results), "--out", str(out), "--datasets", "imagenet_r",
-                        "--metrics", "acc_last,forgetting,time"]) == 0
+    assert (
+        tables.main(
+            [str(hand_results), "--out", str(out), "--datasets", "imagenet_r", "--metrics", "acc_last,forgetting,time"]
+        )
+        == 0
+    )
     csv = pd.read_csv(out / "table.csv")
     assert set(csv["dataset"]) == {"imagenet_r"} and set(csv["method"]) == {"simplecil"}
     # forgetting of a 2-session run is defined (last row) only where written; here it is NaN -> no cell
@@ -197,18 +299,24 @@ def test_filters_select_settings_and_metrics(hand_results, tmp_path, capsys):
 
 def test_compare_adds_published_value_and_difference(hand_results, tmp_path, capsys):
     published = tmp_path / "published.csv"
-    pd.DataFrame([
-        ["simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_last", 82.3, "plot", "digitised", None],
-        ["simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_last", 81.0, "other paper", "", None],
-        ["simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc", 95.0, "plot", "curve point", 0],
-        ["simplecil", "imagenet_r", "vit_b16_in1k", "B0Inc20", "acc_avg", 67.1, "plot", "", None],
-        ["l2p", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_avg", 84.4, "paper", "", None],
-        ["l2p", "cifar100", "vit_b16_in21k", "B0Inc10", "acc_last", 83.83, "paper", "", None],
-    ], columns=["method", "dataset", "backbone", "scenario", "metric", "value", "source", "note", "session"]
+    pd.DataFrame(
+        [
+            ["simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_last", 82.3, "plot", "digitised", None],
+            ["simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_last", 81.0, "other paper", "", None],
+            ["simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc", 95.0, "plot", "curve point", 0],
+            ["simplecil", "imagenet_r", "vit_b16_in1k", "B0Inc20", "acc_avg", 67.1, "plot", "", None],
+            ["l2p", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_avg", 84.4, "paper", "", None],
+            ["l2p", "cifar100", "vit_b16_in21k", "B0Inc10", "acc_last", 83.83, "paper", "", None],
+        ],
+        columns=["method", "dataset", "backbone", "scenario", "metric", "value", "source", "note", "session"],
     ).to_csv(published, index=False)
     out = tmp_path / "out"
-    assert tables.main([str(hand_results), "--out", str(out), "--methods", "simplecil,l2p",
-                        "--compare", str(published), "--plots"]) == 0
+    assert (
+        tables.main(
+            [str(hand_results), "--out", str(out), "--methods", "simplecil,l2p", "--compare", str(published), "--plots"]
+        )
+        == 0
+    )
     csv = pd.read_csv(out / "table.csv")
     s = cell(csv, "simplecil", "acc_last")
     assert (s["published"], s["diff"], s["published_source"]) == (82.3, pytest.approx(83.0 - 82.3), "plot")
@@ -220,8 +328,14 @@ def test_compare_adds_published_value_and_difference(hand_results, tmp_path, cap
     header = next(line for line in printed.splitlines() if line.startswith("| method"))
     assert "cifar100 B0Inc10: A_last pub." in header and "imagenet_r B0Inc20: Ā pub." in header
     simplecil = next(line for line in printed.splitlines() if line.startswith("| simplecil"))
-    assert [c.strip() for c in simplecil.strip("|").split("|")][1:7] == \
-        ["87.00 ± 2.65", "—", "—", "**83.00** ± 3.61", "82.30", "+0.70"]  # Ā pub./Δ: l2p has one, not us
+    assert [c.strip() for c in simplecil.strip("|").split("|")][1:7] == [
+        "87.00 ± 2.65",
+        "—",
+        "—",
+        "**83.00** ± 3.61",
+        "82.30",
+        "+0.70",
+    ]  # Ā pub./Δ: l2p has one, not us
     assert "No published counterpart (3 cell(s)):" in printed
     assert "  simplecil · cifar100 · vit_b16_in1k · B0Inc10: acc_avg" in printed
     assert "  l2p · cifar100 · vit_b16_in1k · B0Inc10: acc_last" in printed
@@ -241,12 +355,19 @@ def test_curve_and_heatmap_plots(hand_results, tmp_path):
     last = curves[(curves["method"] == "simplecil") & (curves["dataset"] == "cifar100") & (curves["session"] == 2)]
     assert last[["n_seen", "mean", "min", "max", "n"]].values.tolist() == [[30, 83.0, 80.0, 87.0, 3]]
     assert last["std"].item() == pytest.approx(SQRT13)
-    assert curves.drop_duplicates(["dataset", "method", "variant"])["method"].tolist() == \
-        ["simplecil", "l2p", "ease", "ease", "simplecil"]  # the table's row order, per setting
+    assert curves.drop_duplicates(["dataset", "method", "variant"])["method"].tolist() == [
+        "simplecil",
+        "l2p",
+        "ease",
+        "ease",
+        "simplecil",
+    ]  # the table's row order, per setting
     # 3.3 in wide at 300 dpi; 2.0 in for the axes + 0.2 in per legend row (title + entries; one
     # column when a label is longer than 22 characters, as "ease [method.init_lr=0.01]" is).
-    sizes = {"curves_cifar100_vit_b16_in1k_B0Inc10": (990, 900),    # 2.0 + 0.2 x (1 + 4 entries) = 3.0 in
-             "curves_imagenet_r_vit_b16_in1k_B0Inc20": (990, 720)}  # 2.0 + 0.2 x (1 + 1) = 2.4 in
+    sizes = {
+        "curves_cifar100_vit_b16_in1k_B0Inc10": (990, 900),  # 2.0 + 0.2 x (1 + 4 entries) = 3.0 in
+        "curves_imagenet_r_vit_b16_in1k_B0Inc20": (990, 720),
+    }  # 2.0 + 0.2 x (1 + 1) = 2.4 in
     for name, size in sizes.items():
         with Image.open(out / f"{name}.png") as image:
             assert image.size == size
@@ -277,8 +398,9 @@ def real_results(tmp_path_factory):
     run_config(FAST + FAST_NOISY + ["seed=1993"], sweep / "0_simplecil_synthetic_s1993")
     run_config(FAST + FAST_NOISY + ["seed=1993", "method.batch_size=8"], sweep / "1_simplecil_synthetic_s1993")
     with pytest.raises(RunInterrupted):
-        run_config(FAST + FAST_NOISY + ["seed=1995", "debug.stop_after_session=0"],
-                   sweep / "2_simplecil_synthetic_s1995")
+        run_config(
+            FAST + FAST_NOISY + ["seed=1995", "debug.stop_after_session=0"], sweep / "2_simplecil_synthetic_s1995"
+        )
     run_config(FAST + FAST_NOISY + ["seed=1994"], root / "runs" / "2026-01-02_00-00-00_simplecil_synthetic_s1994")
     return root
 
@@ -305,9 +427,24 @@ def test_cli_end_to_end(real_results, tmp_path):
     out = tmp_path / "tables"
     # `--compare RESULTS_DIR`: the optional value is a directory, so it is a results dir and the
     # comparison uses results/published.csv.
-    done = subprocess.run([sys.executable, "-m", "pilot.tables", "--out", str(out), "--plots",
-                           "--metrics", "acc_avg,acc_last,forgetting,time", "--compare", str(real_results)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pilot.tables",
+            "--out",
+            str(out),
+            "--plots",
+            "--metrics",
+            "acc_avg,acc_last,forgetting,time",
+            "--compare",
+            str(real_results),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     csv = pd.read_csv(out / "table.csv")
     row = cell(csv, "simplecil", "acc_last", "synthetic", "method.batch_size=128")
@@ -335,16 +472,22 @@ PRESETS = {
     "imagenet_r_b0inc5_in21k": ("imagenet_r", 5, "vit_b16_in21k"),
     "fashion_mnist_demo": ("fashion_mnist", 2, "efficientnet_lite0"),
 }
-MODEL_NAMES = {"vit_b16_in1k": "vit_base_patch16_224.augreg_in21k_ft_in1k",
-               "vit_b16_in21k": "vit_base_patch16_224.augreg_in21k"}
+MODEL_NAMES = {
+    "vit_b16_in1k": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b16_in21k": "vit_base_patch16_224.augreg_in21k",
+}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_pin_the_published_setting(preset):
     dataset, inc, backbone = PRESETS[preset]
     cfg = compose_config([f"experiment={preset}", "+method=simplecil"])
-    assert (cfg.labels.dataset, cfg.scenario.init_cls, cfg.scenario.increment, cfg.labels.backbone) == \
-        (dataset, inc, inc, backbone)
+    assert (cfg.labels.dataset, cfg.scenario.init_cls, cfg.scenario.increment, cfg.labels.backbone) == (
+        dataset,
+        inc,
+        inc,
+        backbone,
+    )
     if backbone in MODEL_NAMES:
         assert cfg.backbone.model_name == MODEL_NAMES[backbone]
     text = (CONFIG_DIR / "experiment" / f"{preset}.yaml").read_text()
@@ -358,8 +501,16 @@ def test_fashion_mnist_demo_uses_the_embedded_subset_at_112px():
 
 def test_published_csv_holds_section_9():
     published = tables.read_published(REPO / "results" / "published.csv")
-    assert list(published.columns[:8]) == \
-        ["method", "dataset", "backbone", "scenario", "metric", "value", "source", "note"]
+    assert list(published.columns[:8]) == [
+        "method",
+        "dataset",
+        "backbone",
+        "scenario",
+        "metric",
+        "value",
+        "source",
+        "note",
+    ]
     assert set(published["dataset"]) == {"cifar100", "imagenet_r"}
     assert set(published["backbone"]) == {"vit_b16_in1k", "vit_b16_in21k"}
     assert set(published["scenario"]) == {"B0Inc5", "B0Inc10", "B0Inc20"}
@@ -370,21 +521,22 @@ def test_published_csv_holds_section_9():
     assert not published.duplicated(keys).any()
     summary = published[published["session"].isna()]
     first = summary.drop_duplicates(["method", "dataset", "backbone", "scenario", "metric"]).set_index(
-        ["method", "dataset", "backbone", "scenario", "metric"])["value"]
+        ["method", "dataset", "backbone", "scenario", "metric"]
+    )["value"]
     expected = {  # the value --compare uses for a few cells (METHODS.md §9)
-        ("simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_last"): 76.2,     # PILOT plot
+        ("simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_last"): 76.2,  # PILOT plot
         ("simplecil", "imagenet_r", "vit_b16_in1k", "B0Inc20", "acc_avg"): 67.1,
         ("dualprompt", "imagenet_r", "vit_b16_in1k", "B0Inc20", "acc_last"): 69.2,
-        ("ease", "cifar100", "vit_b16_in21k", "B0Inc5", "acc_avg"): 91.51,          # EASE Table 1
+        ("ease", "cifar100", "vit_b16_in21k", "B0Inc5", "acc_avg"): 91.51,  # EASE Table 1
         ("ease", "imagenet_r", "vit_b16_in21k", "B0Inc5", "acc_last"): 70.58,
-        ("mos", "imagenet_r", "vit_b16_in21k", "B0Inc20", "acc_last"): 77.93,       # MOS table
+        ("mos", "imagenet_r", "vit_b16_in21k", "B0Inc20", "acc_last"): 77.93,  # MOS table
         ("coda", "imagenet_r", "vit_b16_in21k", "B0Inc20", "acc_avg"): 77.97,
         ("slca", "cifar100", "vit_b16_in21k", "B0Inc5", "acc_last"): 88.55,
         ("aper_vpt_shallow", "imagenet_r", "vit_b16_in21k", "B0Inc5", "acc_avg"): 66.63,
-        ("l2p", "cifar100", "vit_b16_in21k", "B0Inc10", "forgetting"): 7.63,        # L2P paper
+        ("l2p", "cifar100", "vit_b16_in21k", "B0Inc10", "forgetting"): 7.63,  # L2P paper
         ("dualprompt", "imagenet_r", "vit_b16_in21k", "B0Inc20", "forgetting"): 4.68,
         ("ranpac", "imagenet_r", "vit_b16_in1k", "B0Inc20", "acc_last"): 77.9,
-        ("mos", "cifar100", "vit_b16_in1k", "B0Inc5", "acc_last"): 89.12,           # MOS IN1K logs
+        ("mos", "cifar100", "vit_b16_in1k", "B0Inc5", "acc_last"): 89.12,  # MOS IN1K logs
     }
     assert {k: first[k] for k in expected} == pytest.approx(expected)
     # Values §9 marks n/a are absent; the EASE/MOS baseline table is complete (11 methods, SLCA
@@ -395,8 +547,11 @@ def test_published_csv_holds_section_9():
     assert len(baseline) == 2 * (11 * 3 - 1) + 4  # + the MOS rows themselves
     logs = summary[summary["source"].str.startswith("RevisitingCIL")]
     assert len(logs) == 6 * 2 * 2 and logs["value"].tolist()[:2] == [87.57, 81.28]
-    curve = published[(published["method"] == "simplecil") & (published["dataset"] == "cifar100")
-                      & (published["metric"] == "acc")].sort_values("session")
+    curve = published[
+        (published["method"] == "simplecil") & (published["dataset"] == "cifar100") & (published["metric"] == "acc")
+    ].sort_values("session")
     assert curve["value"].tolist() == [92.6, 88.3, 86.3, 83.6, 81.9, 80.0, 80.0, 77.3, 76.6, 76.2]
-    assert (published["note"].str.contains("unconfirmed") == (published["source"].str.contains("CODA-Prompt paper")
-                                                              | (published["value"] == 94.09))).all()
+    assert (
+        published["note"].str.contains("unconfirmed")
+        == (published["source"].str.contains("CODA-Prompt paper") | (published["value"] == 94.09))
+    ).all()

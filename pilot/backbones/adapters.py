@@ -83,8 +83,9 @@ class AdapterSet(nn.Module):
         self.adapters = nn.ModuleList(Adapter(dim, bottleneck, dropout, scale) for _ in range(depth))
 
     @classmethod
-    def for_vit(cls, vit: VisionTransformer, bottleneck: int = 64, dropout: float = 0.1,
-                scale: float = 0.1) -> "AdapterSet":
+    def for_vit(
+        cls, vit: VisionTransformer, bottleneck: int = 64, dropout: float = 0.1, scale: float = 0.1
+    ) -> "AdapterSet":
         check_adaptable(vit)
         return cls(len(vit.blocks), int(vit.embed_dim), bottleneck, dropout, scale)
 
@@ -125,11 +126,11 @@ def parallel_adapters(h: torch.Tensor, adapters: Sequence[Adapter]) -> torch.Ten
     if any(a.training != first.training or a.dropout != first.dropout or a.scale != first.scale for a in adapters):
         raise ValueError("adapter sets evaluated in one batched pass must share train/eval mode, dropout and scale")
     k = len(adapters)
-    x = h.reshape(k, -1, h.shape[-1])                                    # [K, B*N, d]
+    x = h.reshape(k, -1, h.shape[-1])  # [K, B*N, d]
     w_down = torch.stack([a.down.weight for a in adapters]).transpose(1, 2)  # [K, d, r]
-    b_down = torch.stack([a.down.bias for a in adapters]).unsqueeze(1)      # [K, 1, r]
-    w_up = torch.stack([a.up.weight for a in adapters]).transpose(1, 2)      # [K, r, d]
-    b_up = torch.stack([a.up.bias for a in adapters]).unsqueeze(1)          # [K, 1, d]
+    b_down = torch.stack([a.down.bias for a in adapters]).unsqueeze(1)  # [K, 1, r]
+    w_up = torch.stack([a.up.weight for a in adapters]).transpose(1, 2)  # [K, r, d]
+    b_up = torch.stack([a.up.bias for a in adapters]).unsqueeze(1)  # [K, 1, d]
     z = F.dropout(F.relu(torch.baddbmm(b_down, x, w_down)), p=first.dropout, training=first.training)
     return (torch.baddbmm(b_up, z, w_up) * first.scale).reshape(h.shape)
 
@@ -183,8 +184,9 @@ def adapters_active(vit: VisionTransformer, sets: Sequence[AdapterSet]) -> Itera
         _ACTIVE.discard(vit)
 
 
-def multi_adapter_features(backbone: nn.Module, vit: VisionTransformer, images: torch.Tensor,
-                           sets: Sequence[AdapterSet]) -> torch.Tensor:
+def multi_adapter_features(
+    backbone: nn.Module, vit: VisionTransformer, images: torch.Tensor, sets: Sequence[AdapterSet]
+) -> torch.Tensor:
     """Pooled features of ``backbone(images)`` under each adapter set: ``[B, K, d]`` in one batched pass."""
     with adapters_active(vit, sets) as k:
         out = backbone(images)

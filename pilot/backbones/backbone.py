@@ -16,8 +16,15 @@ class Backbone(nn.Module):
     token after the final LayerNorm, for a CNN the global-average-pooled last feature map.
     """
 
-    def __init__(self, model: nn.Module, name: str, input_size: int,
-                 mean: Sequence[float] | None, std: Sequence[float] | None, pretrained: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        input_size: int,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        pretrained: bool,
+    ) -> None:
         super().__init__()
         self.model = model
         self.name = name

@@ -55,12 +55,17 @@ def create_timm_backbone(
 
 def _create_from_file(model_name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
     if not path.is_file():
-        raise WeightsUnavailableError(f"backbone.checkpoint={path} does not exist; pass the path of a weights file (.safetensors, .pth, .bin)")
+        raise WeightsUnavailableError(
+            f"backbone.checkpoint={path} does not exist; pass the path of a weights file (.safetensors, .pth, .bin)"
+        )
     try:
-        return timm.create_model(model_name, pretrained=True, num_classes=0,
-                                 pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        return timm.create_model(
+            model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
     except (RuntimeError, KeyError, ValueError, OSError) as err:
-        raise WeightsUnavailableError(f"backbone.checkpoint={path} could not be loaded into {model_name}: {err}") from err
+        raise WeightsUnavailableError(
+            f"backbone.checkpoint={path} could not be loaded into {model_name}: {err}"
+        ) from err
 
 
 def ensure_hub_weights(model_name: str) -> None:
@@ -77,8 +82,15 @@ def ensure_hub_weights(model_name: str) -> None:
     hub_id = (cfg.hf_hub_id or "").split("@")[0]
     if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in HUB_WEIGHT_FILES):
         return
-    if cfg.url and (Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints"
-                    / cfg.url.rsplit("/", 1)[-1]).exists():
+    if (
+        cfg.url
+        and (
+            Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser()
+            / "hub"
+            / "checkpoints"
+            / cfg.url.rsplit("/", 1)[-1]
+        ).exists()
+    ):
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     source = constants.ENDPOINT if hub_id else cfg.url

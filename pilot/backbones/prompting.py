@@ -44,8 +44,14 @@ Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each [B or 1, L, a
 _ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
 
 
-def prefix_attention(attn: nn.Module, x: torch.Tensor, key_prefix: torch.Tensor, value_prefix: torch.Tensor,
-                     attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+def prefix_attention(
+    attn: nn.Module,
+    x: torch.Tensor,
+    key_prefix: torch.Tensor,
+    value_prefix: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
     """timm ``Attention.forward`` with ``L`` key/value prefixes concatenated in front of the keys and values.
 
     ``x`` ``[B, N, C]``; ``key_prefix``/``value_prefix`` ``[B or 1, L, H*d_h]`` (split into the
@@ -74,14 +80,17 @@ def prefix_attention(attn: nn.Module, x: torch.Tensor, key_prefix: torch.Tensor,
         fill = True if attn_mask.dtype == torch.bool else 0.0
         attn_mask = torch.cat([attn_mask.new_full((*attn_mask.shape[:-1], L), fill), attn_mask], dim=-1)
     if getattr(attn, "fused_attn", False):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
     else:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         if is_causal:
             scores = scores + scores.new_full((N, N), float("-inf")).triu_(1)
         elif attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            scores = (
+                scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            )
         out = attn.attn_drop(scores.softmax(dim=-1)) @ v
     out = out.transpose(1, 2).reshape(B, N, H * D)
     out = getattr(attn, "norm", nn.Identity())(out)
@@ -110,8 +119,9 @@ def _insert_tokens(vit: VisionTransformer, tokens: torch.Tensor, x: torch.Tensor
 
 
 @contextlib.contextmanager
-def prompting(vit: VisionTransformer, tokens: torch.Tensor | None = None,
-              prefixes: Mapping[int, Prefix] | None = None) -> Iterator[None]:
+def prompting(
+    vit: VisionTransformer, tokens: torch.Tensor | None = None, prefixes: Mapping[int, Prefix] | None = None
+) -> Iterator[None]:
     """Within this context, ``vit.forward_features`` inserts ``tokens`` after CLS and runs
     :func:`prefix_attention` with ``prefixes[i]`` in block ``i``. Everything is undone on exit."""
     handles, patched = [], []
@@ -153,11 +163,15 @@ class PromptedViT:
             missing = [p for p in _ATTENTION_PARTS if not hasattr(attn, p)]
             if attn is None or missing:
                 raise IncompatibleBackboneError(
-                    f"block {layer} of this ViT ({type(vit.blocks[layer]).__name__}) has no timm Attention with a fused "
-                    f"qkv projection (missing {missing or ['attn']}); prefix tuning supports the standard timm ViT blocks")
+                    f"block {layer} of this ViT ({type(vit.blocks[layer]).__name__}) has no timm Attention with a "
+                    f"fused qkv projection (missing {missing or ['attn']}); prefix tuning supports the standard "
+                    "timm ViT blocks"
+                )
             if attn.num_heads * attn.head_dim != vit.embed_dim:
-                raise IncompatibleBackboneError(f"block {layer}: attention width {attn.num_heads * attn.head_dim} != "
-                                                f"embedding width {vit.embed_dim}; prefixes are embed_dim wide")
+                raise IncompatibleBackboneError(
+                    f"block {layer}: attention width {attn.num_heads * attn.head_dim} != "
+                    f"embedding width {vit.embed_dim}; prefixes are embed_dim wide"
+                )
 
     @property
     def dim(self) -> int:
@@ -172,12 +186,19 @@ class PromptedViT:
         """Tokens before the patches (CLS and registers); prompt tokens are inserted after them."""
         return int(self.vit.num_prefix_tokens)
 
-    def forward_features(self, images: torch.Tensor, tokens: torch.Tensor | None = None,
-                         prefixes: Mapping[int, Prefix] | None = None) -> torch.Tensor:
+    def forward_features(
+        self, images: torch.Tensor, tokens: torch.Tensor | None = None, prefixes: Mapping[int, Prefix] | None = None
+    ) -> torch.Tensor:
         """All output tokens after the final norm, ``[B, N (+P), C]``, of the prompted ViT."""
-        if getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled() and (tokens is not None or prefixes):
+        if (
+            getattr(self.vit, "grad_checkpointing", False)
+            and torch.is_grad_enabled()
+            and (tokens is not None or prefixes)
+        ):
             # Checkpointed blocks are re-run during backward, after the hooks are gone.
-            raise RuntimeError("prompting does not support timm gradient checkpointing; call vit.set_grad_checkpointing(False)")
+            raise RuntimeError(
+                "prompting does not support timm gradient checkpointing; call vit.set_grad_checkpointing(False)"
+            )
         with prompting(self.vit, tokens, prefixes):
             return self.vit.forward_features(images)
 
@@ -189,7 +210,7 @@ class PromptedViT:
     def prompt_mean(self, features: torch.Tensor, num_prompts: int) -> torch.Tensor:
         """Mean of the ``num_prompts`` prompt-token outputs after the final norm (L2P's ``head_type=prompt``)."""
         n = self.num_prefix_tokens
-        return self.vit.fc_norm(features[:, n:n + num_prompts].mean(dim=1))
+        return self.vit.fc_norm(features[:, n : n + num_prompts].mean(dim=1))
 
     @torch.no_grad()
     def query(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,16 @@ from pilot.net import host_reachable
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -66,7 +74,7 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -125,7 +133,10 @@ def embedded_fashion_mnist() -> ClassificationData:
     """The class-balanced Fashion-MNIST subset shipped in ``pilot/data/embedded`` (see its NOTICE)."""
     path = EMBEDDED_DIR / "fashion_mnist_subset.npz"
     if not path.exists():
-        raise DatasetError(f"The embedded Fashion-MNIST subset {path} is missing; reinstall pilot or run scripts/build_fashion_mnist_subset.py")
+        raise DatasetError(
+            f"The embedded Fashion-MNIST subset {path} is missing; reinstall pilot or run "
+            "scripts/build_fashion_mnist_subset.py"
+        )
     with np.load(path) as arrays:
         train = ArrayImages(torch.from_numpy(arrays["train_images"]).unsqueeze(1), arrays["train_labels"])
         test = ArrayImages(torch.from_numpy(arrays["test_images"]).unsqueeze(1), arrays["test_labels"])
@@ -151,8 +162,7 @@ def _list_class_folders(split_dir: Path) -> dict[str, list[Path]]:
         if not entry.is_dir():
             continue
         files = sorted(
-            Path(f.path) for f in os.scandir(entry.path)
-            if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)
+            Path(f.path) for f in os.scandir(entry.path) if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)
         )
         classes[entry.name] = files
     return classes
@@ -167,19 +177,26 @@ def image_folder(root: str, name: str = "image_folder", how_to_get: str = "") ->
     root_path = Path(root).expanduser()
     hint = f" {how_to_get}" if how_to_get else ""
     if not root_path.is_dir():
-        raise DatasetError(f"Dataset root {root_path} does not exist. Set dataset.root=<folder with train/ and test/>.{hint}")
+        raise DatasetError(
+            f"Dataset root {root_path} does not exist. Set dataset.root=<folder with train/ and test/>.{hint}"
+        )
     splits: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "test"):
         split_dir = root_path / split
         if not split_dir.is_dir():
-            raise DatasetError(f"{split_dir} does not exist: an image-folder dataset needs {root_path}/train/<class>/ and {root_path}/test/<class>/.{hint}")
+            raise DatasetError(
+                f"{split_dir} does not exist: an image-folder dataset needs {root_path}/train/<class>/ and "
+                f"{root_path}/test/<class>/.{hint}"
+            )
         splits[split] = _list_class_folders(split_dir)
         if not splits[split]:
             raise DatasetError(f"{split_dir} holds no class folders.{hint}")
         empty = [c for c, files in splits[split].items() if not files]
         if empty and split == "train":
-            raise DatasetError(f"Class folder {split_dir / empty[0]} holds no images (extensions {', '.join(IMG_EXTENSIONS)}); "
-                               f"{len(empty)} class folder(s) are empty in {split_dir}.")
+            raise DatasetError(
+                f"Class folder {split_dir / empty[0]} holds no images (extensions {', '.join(IMG_EXTENSIONS)}); "
+                f"{len(empty)} class folder(s) are empty in {split_dir}."
+            )
     class_names = sorted(splits["train"])
     unknown = sorted(set(splits["test"]) - set(class_names))
     if unknown:

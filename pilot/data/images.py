@@ -22,7 +22,9 @@ class ArrayImages:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(f"ArrayImages needs a uint8 [N, C, H, W] tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"ArrayImages needs a uint8 [N, C, H, W] tensor, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         self.labels = np.asarray(self.labels, dtype=np.int64)

@@ -39,8 +39,16 @@ class Batch:
     (``augmented=False``) can be cached by id.
     """
 
-    def __init__(self, raw: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
-                 labels: torch.Tensor, ids: torch.Tensor, split: str, augmented: bool, split_size: int) -> None:
+    def __init__(
+        self,
+        raw: torch.Tensor,
+        prepare: Callable[[torch.Tensor], torch.Tensor],
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        split: str,
+        augmented: bool,
+        split_size: int,
+    ) -> None:
         self._raw, self._prepare, self._images = raw, prepare, None
         self.labels, self.ids, self.split, self.augmented = labels, ids, split, augmented
         self.split_size = split_size
@@ -79,8 +87,16 @@ class _DecodedFiles(Dataset):
 class BatchStream:
     """An iterable of :class:`Batch` over fixed sample indices; each iteration is one epoch."""
 
-    def __init__(self, pipeline: DataPipeline, split: str, indices: np.ndarray, batch_size: int,
-                 augment: bool, shuffle: bool, drop_last: bool) -> None:
+    def __init__(
+        self,
+        pipeline: DataPipeline,
+        split: str,
+        indices: np.ndarray,
+        batch_size: int,
+        augment: bool,
+        shuffle: bool,
+        drop_last: bool,
+    ) -> None:
         self.pipeline, self.split, self.indices = pipeline, split, indices
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
         self._loader: DataLoader | None = None
@@ -128,9 +144,13 @@ class BatchStream:
             transform = p.transforms.train_pil() if self.augment else p.transforms.test_pil()
             workers = p.runtime.num_workers
             self._loader = DataLoader(
-                _DecodedFiles(images, self.indices, transform), batch_size=self.batch_size,
-                shuffle=self.shuffle, drop_last=self.drop_last, num_workers=workers,
-                pin_memory=p.runtime.is_cuda, persistent_workers=workers > 0,
+                _DecodedFiles(images, self.indices, transform),
+                batch_size=self.batch_size,
+                shuffle=self.shuffle,
+                drop_last=self.drop_last,
+                num_workers=workers,
+                pin_memory=p.runtime.is_cuda,
+                persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
             )
         labels = p.device_labels(self.split)
@@ -147,8 +167,9 @@ class SessionData:
     info: SessionInfo
     pipeline: DataPipeline
 
-    def train_batches(self, batch_size: int, augment: bool = True, shuffle: bool = True,
-                      drop_last: bool = False) -> BatchStream:
+    def train_batches(
+        self, batch_size: int, augment: bool = True, shuffle: bool = True, drop_last: bool = False
+    ) -> BatchStream:
         """Training images of the session's new classes (train transform by default)."""
         return self.pipeline.batches(TRAIN, self.info.new_classes, batch_size, augment, shuffle, drop_last)
 
@@ -160,14 +181,16 @@ class SessionData:
 class DataPipeline:
     """Everything that turns a dataset and a scenario into device batches."""
 
-    def __init__(self, data: ClassificationData, scenario: Scenario, transforms: ImageTransforms,
-                 runtime: Runtime) -> None:
+    def __init__(
+        self, data: ClassificationData, scenario: Scenario, transforms: ImageTransforms, runtime: Runtime
+    ) -> None:
         self.data, self.scenario, self.transforms, self.runtime = data, scenario, transforms, runtime
         self._labels = {TRAIN: scenario.remap(data.train.labels), TEST: scenario.remap(data.test.labels)}
         # Stable sort by remapped label: samples of class 0, then class 1, ... (the reference order).
         self._sorted = {s: np.argsort(y, kind="stable") for s, y in self._labels.items()}
-        self._bounds = {s: np.searchsorted(y[self._sorted[s]], np.arange(scenario.num_classes + 1))
-                        for s, y in self._labels.items()}
+        self._bounds = {
+            s: np.searchsorted(y[self._sorted[s]], np.arange(scenario.num_classes + 1)) for s, y in self._labels.items()
+        }
         self._device_arrays: dict[str, torch.Tensor] = {}
         self._device_labels: dict[str, torch.Tensor] = {}
 
@@ -181,10 +204,17 @@ class DataPipeline:
     def indices(self, split: str, classes: range) -> np.ndarray:
         """Sample ids of ``split`` whose label is in ``classes``, class-sorted."""
         bounds = self._bounds[split]
-        return self._sorted[split][bounds[classes.start]:bounds[classes.stop]]
+        return self._sorted[split][bounds[classes.start] : bounds[classes.stop]]
 
-    def batches(self, split: str, classes: range, batch_size: int, augment: bool = False,
-                shuffle: bool = False, drop_last: bool = False) -> BatchStream:
+    def batches(
+        self,
+        split: str,
+        classes: range,
+        batch_size: int,
+        augment: bool = False,
+        shuffle: bool = False,
+        drop_last: bool = False,
+    ) -> BatchStream:
         return BatchStream(self, split, self.indices(split, classes), batch_size, augment, shuffle, drop_last)
 
     def session(self, info: SessionInfo) -> SessionData:

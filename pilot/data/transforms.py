@@ -73,25 +73,30 @@ class ImageTransforms:
         params = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w, top + h, flip.float()], dim=1)
         if images.is_cuda:  # one small pinned, non-blocking copy: the host does not wait for the GPU
             params = params.pin_memory().to(images.device, non_blocking=True)
-        x = roi_align(images.float(), params[:, :5], output_size=self.size, spatial_scale=1.0,
-                      sampling_ratio=0, aligned=True)
+        x = roi_align(
+            images.float(), params[:, :5], output_size=self.size, spatial_scale=1.0, sampling_ratio=0, aligned=True
+        )
         x = torch.where(params[:, 5].bool().view(-1, 1, 1, 1), x.flip(-1), x)
         return self.finish(x.clamp_(0, 255).div_(255))
 
     # ------------------------------------------------------------------- CPU side (PIL, in workers)
     def train_pil(self) -> v2.Compose:
-        return v2.Compose([
-            v2.RandomResizedCrop(self.size, scale=self.train_scale, ratio=self.train_ratio, antialias=True),
-            v2.RandomHorizontalFlip(self.hflip_prob),
-            v2.PILToTensor(),
-        ])
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(self.size, scale=self.train_scale, ratio=self.train_ratio, antialias=True),
+                v2.RandomHorizontalFlip(self.hflip_prob),
+                v2.PILToTensor(),
+            ]
+        )
 
     def test_pil(self) -> v2.Compose:
-        return v2.Compose([
-            v2.Resize(self.test_resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(self.size),
-            v2.PILToTensor(),
-        ])
+        return v2.Compose(
+            [
+                v2.Resize(self.test_resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.CenterCrop(self.size),
+                v2.PILToTensor(),
+            ]
+        )
 
 
 def sample_crop_boxes(

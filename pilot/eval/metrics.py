@@ -77,7 +77,7 @@ def backward_transfer(R: np.ndarray) -> np.ndarray:
 def old_accuracy(R: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Sample-weighted top-1 after session k on the classes learned before it:
 
-        A^old_k = sum_{j<k} n_j R[k, j] / sum_{j<k} n_j       (NaN for k = 0)
+    A^old_k = sum_{j<k} n_j R[k, j] / sum_{j<k} n_j       (NaN for k = 0)
     """
     R, n = _check(R), np.asarray(n, dtype=np.float64)
     out = np.full(len(R), np.nan)

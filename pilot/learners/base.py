@@ -104,8 +104,10 @@ class Learner(nn.Module, ABC):
         result = super().load_state_dict(state, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]
         if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"checkpoint does not match {type(self).__name__}: missing {missing[:5]}, "
-                               f"unexpected {result.unexpected_keys[:5]}")
+            raise RuntimeError(
+                f"checkpoint does not match {type(self).__name__}: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
         return result
 
     def num_parameters(self) -> int:

@@ -31,8 +31,7 @@ from pilot.backbones.prompting import Prefix, PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
-from pilot.learners.l2p import OptimizerFactory, SchedulerFactory
-from pilot.learners.training import train_epochs
+from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompts import CodaPromptPool
@@ -46,10 +45,22 @@ class CodaPrompt(Learner):
 
     requires_vit = True
 
-    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, optimizer: OptimizerFactory,
-                 scheduler: SchedulerFactory | None, epochs: int = 20, batch_size: int = 128,
-                 eval_batch_size: int = 256, drop_last: bool = True, pool_size: int = 100, prompt_length: int = 8,
-                 prompt_layers: Sequence[int] = (0, 1, 2, 3, 4), ortho_mu: float = 0.0) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None,
+        epochs: int = 20,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        drop_last: bool = True,
+        pool_size: int = 100,
+        prompt_length: int = 8,
+        prompt_layers: Sequence[int] = (0, 1, 2, 3, 4),
+        ortho_mu: float = 0.0,
+    ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.layers = [int(i) for i in prompt_layers]
         self.backbone.freeze()
@@ -57,8 +68,9 @@ class CodaPrompt(Learner):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
         self.drop_last, self.ortho_mu = bool(drop_last), float(ortho_mu)
-        self.pool = CodaPromptPool(len(self.layers), int(pool_size), int(prompt_length), self.vit.dim,
-                                   scenario.num_sessions)
+        self.pool = CodaPromptPool(
+            len(self.layers), int(pool_size), int(prompt_length), self.vit.dim, scenario.num_sessions
+        )
         self.head = nn.Linear(self.vit.dim, scenario.num_classes)  # PyTorch default init (METHODS.md §3.1)
         self.queries = FeatureCache()
 
@@ -68,7 +80,7 @@ class CodaPrompt(Learner):
 
     def prefixes(self, query: torch.Tensor, train: bool) -> tuple[dict[int, Prefix], torch.Tensor]:
         """Per prompted block: first half of the mixed prompt as key prefix, second half as value prefix."""
-        prompts, penalty = self.pool(query, train=train, ortho_mu=self.ortho_mu)   # [layers, B, length, C]
+        prompts, penalty = self.pool(query, train=train, ortho_mu=self.ortho_mu)  # [layers, B, length, C]
         half = prompts.shape[2] // 2
         return {layer: (prompts[i, :, :half], prompts[i, :, half:]) for i, layer in enumerate(self.layers)}, penalty
 
@@ -81,15 +93,25 @@ class CodaPrompt(Learner):
         return F.cross_entropy(logits, batch.labels) + penalty
 
     def train_session(self, session: SessionData) -> None:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
         batches = session.train_batches(self.batch_size, drop_last=self.drop_last)
         if len(batches) == 0:
-            log.warning("CODA session %d: %d training images < batch_size %d with drop_last: no training step",
-                        session.info.index, batches.num_samples, self.batch_size)
+            log.warning(
+                "CODA session %d: %d training images < batch_size %d with drop_last: no training step",
+                session.info.index,
+                batches.num_samples,
+                self.batch_size,
+            )
             return
-        train_epochs(batches, self.epochs, self.loss, optimizer, self.runtime, scheduler,
-                     desc=f"coda s{session.info.index}")
+        train_trainable(
+            self,
+            batches,
+            self.epochs,
+            self.loss,
+            self.optimizer,
+            self.runtime,
+            self.scheduler,
+            desc=f"coda s{session.info.index}",
+        )
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:

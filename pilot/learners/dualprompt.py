@@ -29,11 +29,11 @@ from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
 from pilot.learners.base import Learner
-from pilot.learners.l2p import OptimizerFactory, SchedulerFactory, linear_head, vote_aligned_batch_size
-from pilot.learners.training import train_epochs
+from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
+from pilot.modules.classifiers import linear_head
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
-from pilot.modules.prompts import PromptPool
+from pilot.modules.prompts import PromptPool, vote_aligned_batch_size
 from pilot.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -44,17 +44,36 @@ class DualPrompt(Learner):
 
     requires_vit = True
 
-    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, optimizer: OptimizerFactory,
-                 scheduler: SchedulerFactory | None = None, epochs: int = 5, batch_size: int = 24,
-                 eval_batch_size: int = 504, vote_batch_size: int = 24, g_prompt_length: int = 5, g_prompt_layers: Sequence[int] = (0, 1),
-                 e_prompt_length: int = 5, e_prompt_layers: Sequence[int] = (2, 3, 4), pool_size: int = 10,
-                 top_k: int = 1, batchwise_prompt: bool = True, batchwise_prompt_eval: bool = True,
-                 task_forced_prompt: bool = True, copy_previous_prompt: bool = True, pull_coeff: float = 0.1) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        epochs: int = 5,
+        batch_size: int = 24,
+        eval_batch_size: int = 504,
+        vote_batch_size: int = 24,
+        g_prompt_length: int = 5,
+        g_prompt_layers: Sequence[int] = (0, 1),
+        e_prompt_length: int = 5,
+        e_prompt_layers: Sequence[int] = (2, 3, 4),
+        pool_size: int = 10,
+        top_k: int = 1,
+        batchwise_prompt: bool = True,
+        batchwise_prompt_eval: bool = True,
+        task_forced_prompt: bool = True,
+        copy_previous_prompt: bool = True,
+        pull_coeff: float = 0.1,
+    ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.g_layers, self.e_layers = [int(i) for i in g_prompt_layers], [int(i) for i in e_prompt_layers]
         if set(self.g_layers) & set(self.e_layers):
-            raise ConfigError(f"method.g_prompt_layers {self.g_layers} and method.e_prompt_layers {self.e_layers} "
-                              "overlap; a block takes either the G- or the E-prompt")
+            raise ConfigError(
+                f"method.g_prompt_layers {self.g_layers} and method.e_prompt_layers {self.e_layers} "
+                "overlap; a block takes either the G- or the E-prompt"
+            )
         self.backbone.freeze()
         self.vit = PromptedViT(backbone.vit, prefix_layers=self.g_layers + self.e_layers)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -78,8 +97,15 @@ class DualPrompt(Learner):
                 "DualPrompt: the E-prompt pool (%d prompts, top_k %d) has task slots for %d sessions, but the scenario "
                 "has %d. As in the reference, sessions %d-%d train without a task-forced E-prompt (selection by key "
                 "matching instead) and without copying the previous prompt; raise method.pool_size to >= %d to keep "
-                "one prompt per task.", self.e_pool.pool_size, self.top_k, covered, scenario.num_sessions, covered,
-                scenario.num_sessions - 1, scenario.num_sessions * self.top_k)
+                "one prompt per task.",
+                self.e_pool.pool_size,
+                self.top_k,
+                covered,
+                scenario.num_sessions,
+                covered,
+                scenario.num_sessions - 1,
+                scenario.num_sessions * self.top_k,
+            )
 
     def task_slots(self, session: int) -> slice | None:
         """Pool ids of ``session``'s E-prompt (``[t*k, (t+1)*k)``), or None where the pool has no room."""
@@ -97,10 +123,12 @@ class DualPrompt(Learner):
     def prefixes(self, indices: torch.Tensor) -> dict[int, Prefix]:
         """Key/value prefixes per block: the G-prompt, and the E-prompts ``indices`` ``[B, k]``."""
         L = self.g_length
-        prefixes = {layer: (self.g_prompt[i, None, :L], self.g_prompt[i, None, L:]) for i, layer in enumerate(self.g_layers)}
+        prefixes = {
+            layer: (self.g_prompt[i, None, :L], self.g_prompt[i, None, L:]) for i, layer in enumerate(self.g_layers)
+        }
         B, k = indices.shape
         e = self.e_pool.gather(indices).view(B, k, len(self.e_layers), 2, self.e_length, -1)
-        e = e.permute(2, 3, 0, 1, 4, 5).flatten(3, 4)                       # [layers, k/v, B, k * length, C]
+        e = e.permute(2, 3, 0, 1, 4, 5).flatten(3, 4)  # [layers, k/v, B, k * length, C]
         prefixes.update({layer: (e[i, 0], e[i, 1]) for i, layer in enumerate(self.e_layers)})
         return prefixes
 
@@ -117,14 +145,22 @@ class DualPrompt(Learner):
         return F.cross_entropy(logits, batch.labels) - self.pull_coeff * selection.pull
 
     def train_session(self, session: SessionData) -> None:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
-        train_epochs(session.train_batches(self.batch_size), self.epochs, self.loss, optimizer, self.runtime,
-                     scheduler, desc=f"dualprompt s{session.info.index}")
+        train_trainable(
+            self,
+            session.train_batches(self.batch_size),
+            self.epochs,
+            self.loss,
+            self.optimizer,
+            self.runtime,
+            self.scheduler,
+            desc=f"dualprompt s{session.info.index}",
+        )
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
             query = self.queries(batch, self.vit.query)
-            indices = self.e_pool.select(query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size).indices
+            indices = self.e_pool.select(
+                query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size
+            ).indices
             return seen_class_logits(self.logits(batch.images, indices), self.total)

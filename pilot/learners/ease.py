@@ -71,16 +71,16 @@ def complement_prototypes(prototypes: torch.Tensor, bounds: Sequence[int]) -> to
     return out
 
 
-def ensemble_logits(features: torch.Tensor, prototypes: torch.Tensor, class_session: torch.Tensor,
-                    alpha: float = 0.1) -> torch.Tensor:
+def ensemble_logits(
+    features: torch.Tensor, prototypes: torch.Tensor, class_session: torch.Tensor, alpha: float = 0.1
+) -> torch.Tensor:
     """EASE's re-weighted subspace ensemble (reference ``EaseCosineLinear.forward_reweight``).
 
     ``features`` ``[B, S, D]`` (S = T+1 subspaces), ``prototypes`` ``[C, S, D]``, ``class_session``
     ``[C]``. Each subspace block is cosine-normalised separately; class c of session i weighs its own
     subspace 1 and every other alpha / T. Returns ``[B, C]``.
     """
-    cos = torch.einsum("bsd,csd->bcs", F.normalize(features.float(), dim=-1),
-                       F.normalize(prototypes.float(), dim=-1))
+    cos = torch.einsum("bsd,csd->bcs", F.normalize(features.float(), dim=-1), F.normalize(prototypes.float(), dim=-1))
     last = features.shape[1] - 1
     if last == 0:
         return cos[..., 0]
@@ -138,16 +138,17 @@ class EASE(Learner):
         device = self.prototypes.device
         for old in self.adapters:
             old.requires_grad_(False)
-        self.adapters.append(AdapterSet.for_vit(self.backbone.vit, self.adapter_dim, self.adapter_dropout,
-                                                self.adapter_scale).to(device))
+        self.adapters.append(
+            AdapterSet.for_vit(self.backbone.vit, self.adapter_dim, self.adapter_dropout, self.adapter_scale).to(device)
+        )
         proxy = CosineLinear(self.backbone.feature_dim, learn_sigma=True)
         proxy.grow(info.num_new, init="uniform")
         self.proxy_fc = proxy.to(device)
         subspaces = len(self.adapters)
         grown = torch.zeros(info.total, subspaces, self.backbone.feature_dim, device=device)
-        grown[:self.prototypes.shape[0], :self.prototypes.shape[1]] = self.prototypes
+        grown[: self.prototypes.shape[0], : self.prototypes.shape[1]] = self.prototypes
         self.prototypes = grown
-        self.class_session = torch.as_tensor(self.scenario.session_of_label[:info.total], device=device)
+        self.class_session = torch.as_tensor(self.scenario.session_of_label[: info.total], device=device)
 
     def train_session(self, session: SessionData) -> None:
         current = self.adapters[-1]
@@ -159,8 +160,15 @@ class EASE(Learner):
             feats = multi_adapter_features(self.backbone, self.backbone.vit, batch.images, [current])[:, 0]
             return F.cross_entropy(self.proxy_fc(feats), batch.labels - known)
 
-        train_epochs(session.train_batches(self.batch_size), self.epochs, loss_fn, optimizer, self.runtime,
-                     scheduler, desc=f"EASE s{session.info.index}")
+        train_epochs(
+            session.train_batches(self.batch_size),
+            self.epochs,
+            loss_fn,
+            optimizer,
+            self.runtime,
+            scheduler,
+            desc=f"EASE s{session.info.index}",
+        )
         self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
@@ -171,14 +179,17 @@ class EASE(Learner):
         was_training = self.training
         self.eval()  # adapter dropout off for prototypes (reference replace_fc: model.eval())
         try:
-            feats, labels = extract_features(lambda images: self.subspace_features(images).flatten(1),
-                                             session.prototype_batches(self.prototype_batch_size), self.runtime,
-                                             desc=f"prototypes s{info.index}")
+            feats, labels = extract_features(
+                lambda images: self.subspace_features(images).flatten(1),
+                session.prototype_batches(self.prototype_batch_size),
+                self.runtime,
+                desc=f"prototypes s{info.index}",
+            )
         finally:
             self.train(was_training)
         subspaces, dim = len(self.adapters), self.backbone.feature_dim
         means = class_means(feats, labels, info.new_classes).view(info.num_new, subspaces, dim)
-        self.prototypes[info.known:info.total] = means
+        self.prototypes[info.known : info.total] = means
         bounds = [s.known for s in self.scenario.sessions[:subspaces]] + [info.total]
         self.prototypes.copy_(complement_prototypes(self.prototypes, bounds))
 
@@ -194,8 +205,10 @@ class EASE(Learner):
         ``sets_per_pass`` sets per batched pass (None: all in one)."""
         sets = list(self.adapters) if sets is None else list(sets)
         step = self.sets_per_pass or len(sets)
-        parts = [multi_adapter_features(self.backbone, self.backbone.vit, images, sets[k:k + step])
-                 for k in range(0, len(sets), step)]
+        parts = [
+            multi_adapter_features(self.backbone, self.backbone.vit, images, sets[k : k + step])
+            for k in range(0, len(sets), step)
+        ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _cached_subspace_features(self, batch: Batch) -> torch.Tensor:

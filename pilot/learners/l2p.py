@@ -16,42 +16,20 @@ at every session.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.prompting import PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario
 from pilot.learners.base import Learner
-from pilot.learners.training import train_epochs
+from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
+from pilot.modules.classifiers import linear_head
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
-from pilot.modules.prompts import PromptPool
+from pilot.modules.prompts import PromptPool, vote_aligned_batch_size
 from pilot.runtime import Runtime
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-SchedulerFactory = Callable[[Optimizer], LRScheduler]
-
-
-def linear_head(dim: int, num_classes: int) -> nn.Linear:
-    """The head of PILOT's prompt ViTs: timm's ``nn.Linear`` init (trunc-normal std .02, bias 0)."""
-    head = nn.Linear(dim, num_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    return head
-
-
-def vote_aligned_batch_size(eval_batch_size: int, vote_batch_size: int) -> int:
-    """The evaluation batch rounded down to a multiple of the vote group (at least one group), so
-    that groups of ``vote_batch_size`` consecutive class-sorted test samples are exactly the
-    reference's test batches while the GPU sees large batches."""
-    return max(vote_batch_size, eval_batch_size // vote_batch_size * vote_batch_size)
 
 
 class L2P(Learner):
@@ -59,11 +37,24 @@ class L2P(Learner):
 
     requires_vit = True
 
-    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, optimizer: OptimizerFactory,
-                 scheduler: SchedulerFactory | None = None, epochs: int = 5, batch_size: int = 16,
-                 eval_batch_size: int = 512, vote_batch_size: int = 16, pool_size: int = 10, prompt_length: int = 5,
-                 top_k: int = 5, batchwise_prompt: bool = True, batchwise_prompt_eval: bool = True,
-                 pull_coeff: float = 0.1) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        epochs: int = 5,
+        batch_size: int = 16,
+        eval_batch_size: int = 512,
+        vote_batch_size: int = 16,
+        pool_size: int = 10,
+        prompt_length: int = 5,
+        top_k: int = 5,
+        batchwise_prompt: bool = True,
+        batchwise_prompt_eval: bool = True,
+        pull_coeff: float = 0.1,
+    ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.backbone.freeze()
         self.vit = PromptedViT(backbone.vit)
@@ -79,7 +70,7 @@ class L2P(Learner):
 
     def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Head logits ``[B, all classes]`` with the prompts ``indices`` ``[B, k]`` inserted after CLS."""
-        prompts = self.pool.gather(indices).flatten(1, 2)                  # [B, k * length, C]
+        prompts = self.pool.gather(indices).flatten(1, 2)  # [B, k * length, C]
         features = self.vit.forward_features(images, tokens=prompts)
         return self.head(self.vit.prompt_mean(features, prompts.shape[1]))
 
@@ -90,14 +81,22 @@ class L2P(Learner):
         return F.cross_entropy(logits, batch.labels) - self.pull_coeff * selection.pull
 
     def train_session(self, session: SessionData) -> None:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
-        train_epochs(session.train_batches(self.batch_size), self.epochs, self.loss, optimizer, self.runtime,
-                     scheduler, desc=f"l2p s{session.info.index}")
+        train_trainable(
+            self,
+            session.train_batches(self.batch_size),
+            self.epochs,
+            self.loss,
+            self.optimizer,
+            self.runtime,
+            self.scheduler,
+            desc=f"l2p s{session.info.index}",
+        )
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
             query = self.queries(batch, self.vit.query)
-            indices = self.pool.select(query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size).indices
+            indices = self.pool.select(
+                query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size
+            ).indices
             return seen_class_logits(self.logits(batch.images, indices), self.total)

@@ -24,8 +24,14 @@ from pilot.runtime import Runtime
 class SimpleCIL(Learner):
     """Cosine nearest-class-mean on frozen pretrained features."""
 
-    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime,
-                 batch_size: int = 128, eval_batch_size: int = 512) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+    ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -39,8 +45,12 @@ class SimpleCIL(Learner):
         self.head.grow(info.total, init="zeros")
 
     def end_session(self, session: SessionData) -> None:
-        feats, labels = extract_features(self.backbone, session.prototype_batches(self.batch_size),
-                                         self.runtime, desc=f"prototypes s{session.info.index}")
+        feats, labels = extract_features(
+            self.backbone,
+            session.prototype_batches(self.batch_size),
+            self.runtime,
+            desc=f"prototypes s{session.info.index}",
+        )
         self.head.assign(session.info.new_classes, class_means(feats, labels, session.info.new_classes))
 
     @torch.inference_mode()

@@ -54,7 +54,7 @@ def mean_scale_sessions(scenario: Scenario, info: SessionInfo, reference: bool =
     reference's ``c // |C_T|`` (current session size)."""
     if reference:
         return torch.arange(info.total) // info.num_new
-    return torch.as_tensor(scenario.session_of_label[:info.total], dtype=torch.long)
+    return torch.as_tensor(scenario.session_of_label[: info.total], dtype=torch.long)
 
 
 class SLCA(Learner):
@@ -136,8 +136,15 @@ class SLCA(Learner):
         def loss_fn(batch: Batch) -> torch.Tensor:
             return F.cross_entropy(head(self.backbone(batch.images)), batch.labels - known)
 
-        train_epochs(session.train_batches(self.batch_size), self.epochs, loss_fn, optimizer, self.runtime,
-                     scheduler, desc=f"SLCA s{session.info.index}")
+        train_epochs(
+            session.train_batches(self.batch_size),
+            self.epochs,
+            loss_fn,
+            optimizer,
+            self.runtime,
+            scheduler,
+            desc=f"SLCA s{session.info.index}",
+        )
         self.zero_grad(set_to_none=True)  # free the backbone's gradients before evaluation
 
     def end_session(self, session: SessionData) -> None:
@@ -145,8 +152,12 @@ class SLCA(Learner):
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            feats, labels = extract_features(self.backbone, session.prototype_batches(self.stats_batch_size),
-                                             self.runtime, desc=f"class statistics s{info.index}")
+            feats, labels = extract_features(
+                self.backbone,
+                session.prototype_batches(self.stats_batch_size),
+                self.runtime,
+                desc=f"class statistics s{info.index}",
+            )
         finally:
             self.backbone.train(was_training)
         self.stats.update(feats, labels, info.new_classes)
@@ -158,12 +169,18 @@ class SLCA(Learner):
         if info.index > 0 and self.ca_epochs > 0:
             device = self.aligned_weight.device
             align_classifier(
-                stage1, self.stats,
-                blocks=torch.as_tensor(self.scenario.session_of_label[:info.total], device=device),
+                stage1,
+                self.stats,
+                blocks=torch.as_tensor(self.scenario.session_of_label[: info.total], device=device),
                 scale_sessions=mean_scale_sessions(self.scenario, info, self.reference_session_mapping).to(device),
-                current_session=info.index, epochs=self.ca_epochs, optimizer=self.ca_optimizer,
-                scheduler=self.ca_scheduler, runtime=self.runtime, samples_per_class=self.ca_samples_per_class,
-                batch_size=self.ca_batch_size, tau=self.ca_logit_norm,
+                current_session=info.index,
+                epochs=self.ca_epochs,
+                optimizer=self.ca_optimizer,
+                scheduler=self.ca_scheduler,
+                runtime=self.runtime,
+                samples_per_class=self.ca_samples_per_class,
+                batch_size=self.ca_batch_size,
+                tau=self.ca_logit_norm,
             )
         with torch.no_grad():
             self.aligned_weight.copy_(stage1.weight)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -12,6 +13,8 @@ from pilot.data.pipeline import Batch, BatchStream
 from pilot.runtime import Runtime
 
 LossFn = Callable[[Batch], torch.Tensor]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]  # e.g. partial(Adam, lr=...) from YAML
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
 def train_epochs(
@@ -44,3 +47,20 @@ def train_epochs(
             scheduler.step()
         losses.append(total.item() / max(steps, 1))
     return losses
+
+
+def train_trainable(
+    module: nn.Module,
+    batches: BatchStream,
+    epochs: int,
+    loss_fn: LossFn,
+    optimizer: OptimizerFactory,
+    runtime: Runtime,
+    scheduler: SchedulerFactory | None = None,
+    desc: str = "train",
+) -> list[float]:
+    """:func:`train_epochs` with a fresh optimiser (and scheduler) over every parameter of ``module``
+    that requires a gradient: the reference rebuilds the optimiser at every session
+    (``reinit_optimizer``), so no moment estimates carry over between sessions."""
+    opt = optimizer([p for p in module.parameters() if p.requires_grad])
+    return train_epochs(batches, epochs, loss_fn, opt, runtime, scheduler(opt) if scheduler is not None else None, desc)

@@ -32,8 +32,9 @@ from pilot.runtime import Runtime
 LOGIT_NORM_EPS = 1e-7  # added to every per-session norm (reference)
 
 
-def session_normalized_logits(logits: torch.Tensor, blocks: torch.Tensor, tau: float,
-                              num_blocks: int | None = None) -> torch.Tensor:
+def session_normalized_logits(
+    logits: torch.Tensor, blocks: torch.Tensor, tau: float, num_blocks: int | None = None
+) -> torch.Tensor:
     """Logit normalisation of SLCA: ``logits`` ``[B, C]`` divided per sample by the mean over session
     blocks of the blocks' l2 norms (each + 1e-7), and by ``tau``. ``blocks`` ``[C]``: the session
     block of each logit column (0..num_blocks-1, every block present); pass ``num_blocks`` to avoid
@@ -92,10 +93,10 @@ def align_classifier(
         total = torch.zeros((), device=device)
         steps = 0
         for start in range(0, len(targets), batch_size):
-            logits = head(inputs[start:start + batch_size])[:, :num_classes]
+            logits = head(inputs[start : start + batch_size])[:, :num_classes]
             if tau:
                 logits = session_normalized_logits(logits, blocks, tau, num_blocks)
-            loss = F.cross_entropy(logits.float(), targets[start:start + batch_size])
+            loss = F.cross_entropy(logits.float(), targets[start : start + batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -47,7 +47,7 @@ class CosineLinear(nn.Module):
     @torch.no_grad()
     def assign(self, rows: range, vectors: torch.Tensor) -> None:
         """Write ``vectors`` into the rows ``rows`` (e.g. class prototypes)."""
-        self.weight[rows.start:rows.stop] = vectors.to(self.weight.dtype)
+        self.weight[rows.start : rows.stop] = vectors.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sigma = self.sigma if self.sigma is not None else self.fixed_sigma
@@ -68,3 +68,11 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, classes: range) ->
     sums.index_add_(0, offset, features.double())
     counts = torch.bincount(offset, minlength=len(classes)).clamp_min(1).unsqueeze(1)
     return (sums / counts).float()
+
+
+def linear_head(dim: int, num_classes: int) -> nn.Linear:
+    """The head of PILOT's prompt ViTs: timm's ``nn.Linear`` init (trunc-normal std .02, bias 0)."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head

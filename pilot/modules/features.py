@@ -13,8 +13,13 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.inference_mode()
-def extract_features(fn: FeatureFn, batches: Iterable[Batch], runtime: Runtime, desc: str = "features",
-                     cache: "FeatureCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    fn: FeatureFn,
+    batches: Iterable[Batch],
+    runtime: Runtime,
+    desc: str = "features",
+    cache: "FeatureCache | None" = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn`` over every batch; returns float32 features ``[N, D]`` and labels ``[N]`` on the device."""
     feats, labels = [], []
     for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None):
@@ -61,7 +66,9 @@ class FeatureCache:
         if batch.augmented:
             raise ValueError("outputs on augmented images are not cacheable")
         if batch.split not in self._values:
-            self._values[batch.split] = torch.empty(batch.split_size, *out.shape[1:], dtype=out.dtype, device=out.device)
+            self._values[batch.split] = torch.empty(
+                batch.split_size, *out.shape[1:], dtype=out.dtype, device=out.device
+            )
             self._valid[batch.split] = torch.zeros(batch.split_size, dtype=torch.bool, device=out.device)
         self._values[batch.split][batch.ids] = out.to(self._values[batch.split].dtype)
         self._valid[batch.split][batch.ids] = True

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 
-def class_statistics(features: torch.Tensor, labels: torch.Tensor, classes: range,
-                     shrink: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def class_statistics(
+    features: torch.Tensor, labels: torch.Tensor, classes: range, shrink: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Means ``[C, D]`` and covariances ``[C, D, D]`` (float64) of the classes in ``classes``.
 
     Computed on the features' device without a loop over samples or classes: the centred features
@@ -53,9 +54,14 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, classes: rang
     return means, covs
 
 
-def sample_gaussians(means: torch.Tensor, scale_tril: torch.Tensor, num_per_class: int,
-                     mean_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_gaussians(
+    means: torch.Tensor,
+    scale_tril: torch.Tensor,
+    num_per_class: int,
+    mean_scale: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_per_class`` samples of each of the C Gaussians ``N(s_c * mu_c, L_c L_c^T)``.
 
     ``means`` ``[C, D]``, ``scale_tril`` ``[C, D, D]`` (Cholesky factors), ``mean_scale`` ``[C]`` or
@@ -104,18 +110,24 @@ class ClassGaussians(nn.Module):
         """Compute and store the statistics of ``classes`` (see :func:`class_statistics`)."""
         device = self.means.device
         means, covs = class_statistics(features.to(device), labels.to(device), classes, self.shrink)
-        self.means[classes.start:classes.stop] = means
-        self.covs[classes.start:classes.stop] = covs
+        self.means[classes.start : classes.stop] = means
+        self.covs[classes.start : classes.stop] = covs
 
     def scale_tril(self, classes: range | None = None) -> torch.Tensor:
         """Cholesky factors (float64) of the covariances of ``classes`` (default: all)."""
         classes = classes if classes is not None else range(self.num_classes)
-        return torch.linalg.cholesky(self.covs[classes.start:classes.stop])
+        return torch.linalg.cholesky(self.covs[classes.start : classes.stop])
 
     @torch.no_grad()
-    def sample(self, num_per_class: int, classes: range | None = None, mean_scale: torch.Tensor | None = None,
-               scale_tril: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self,
+        num_per_class: int,
+        classes: range | None = None,
+        mean_scale: torch.Tensor | None = None,
+        scale_tril: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_per_class`` samples of every class in ``classes`` (default: all), class-major.
 
         Returns samples ``[C * n, D]`` and their class labels (``classes.start + index``). Pass
@@ -124,6 +136,7 @@ class ClassGaussians(nn.Module):
         classes = classes if classes is not None else range(self.num_classes)
         if scale_tril is None:
             scale_tril = self.scale_tril(classes)
-        samples, index = sample_gaussians(self.means[classes.start:classes.stop], scale_tril, num_per_class,
-                                          mean_scale, dtype, generator)
+        samples, index = sample_gaussians(
+            self.means[classes.start : classes.stop], scale_tril, num_per_class, mean_scale, dtype, generator
+        )
         return samples, index + classes.start

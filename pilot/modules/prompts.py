@@ -39,7 +39,7 @@ def batchwise_vote(indices: torch.Tensor, pool_size: int, group_size: int | None
     Returns ``[B, k]``.
     """
     batch, k = indices.shape
-    group = torch.arange(batch, device=indices.device) // (group_size or batch)    # [B] group of each sample
+    group = torch.arange(batch, device=indices.device) // (group_size or batch)  # [B] group of each sample
     groups = int(batch + (group_size or batch) - 1) // (group_size or batch)
     counts = torch.zeros(groups * pool_size, dtype=torch.long, device=indices.device)
     counts.scatter_add_(0, (group.unsqueeze(1) * pool_size + indices).flatten(), torch.ones_like(indices.flatten()))
@@ -67,10 +67,17 @@ def surrogate_similarity(similarity: torch.Tensor, indices: torch.Tensor) -> tor
     return similarity.gather(1, indices).sum() / similarity.shape[0]
 
 
+def vote_aligned_batch_size(eval_batch_size: int, vote_batch_size: int) -> int:
+    """The evaluation batch rounded down to a multiple of the vote group (at least one group), so
+    that groups of ``vote_batch_size`` consecutive class-sorted test samples are exactly the
+    reference's test batches while the GPU sees large batches."""
+    return max(vote_batch_size, eval_batch_size // vote_batch_size * vote_batch_size)
+
+
 @dataclass
 class PromptSelection:
-    indices: torch.Tensor     # [B, k] selected pool ids
-    pull: torch.Tensor        # scalar S of surrogate_similarity (differentiable w.r.t. the keys)
+    indices: torch.Tensor  # [B, k] selected pool ids
+    pull: torch.Tensor  # scalar S of surrogate_similarity (differentiable w.r.t. the keys)
 
 
 class PromptPool(nn.Module):
@@ -90,8 +97,9 @@ class PromptPool(nn.Module):
         self.prompts = nn.Parameter(torch.empty(pool_size, tokens, dim).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(pool_size, dim).uniform_(-1, 1))
 
-    def select(self, query: torch.Tensor, batchwise: bool, forced: torch.Tensor | None = None,
-               group_size: int | None = None) -> PromptSelection:
+    def select(
+        self, query: torch.Tensor, batchwise: bool, forced: torch.Tensor | None = None, group_size: int | None = None
+    ) -> PromptSelection:
         """Choose prompts for queries ``[B, C]``: cosine top-k (optionally voted per group of
         ``group_size`` samples, default the whole batch), or the ids ``forced`` ``[k]`` for every
         sample (DualPrompt's task-forced E-prompt); the pull term uses the ids actually used."""
@@ -130,8 +138,15 @@ def gram_schmidt_slice(matrix: torch.Tensor, start: int, stop: int) -> torch.Ten
     out[:start] = matrix[:start]
     new = torch.randn(stop - start, dim, dtype=torch.float64, device=matrix.device)
     if stop > dim:
-        log.debug("Gram-Schmidt: %d components do not fit in %d dimensions; components %d-%d are random unit "
-                    "vectors, not orthogonal (use a pool of at most %d)", stop, dim, start, stop - 1, dim)
+        log.debug(
+            "Gram-Schmidt: %d components do not fit in %d dimensions; components %d-%d are random unit "
+            "vectors, not orthogonal (use a pool of at most %d)",
+            stop,
+            dim,
+            start,
+            stop - 1,
+            dim,
+        )
         out[start:stop] = F.normalize(new, dim=1).to(matrix.dtype)
         return out
     q, r = torch.linalg.qr(torch.cat([matrix[:start].double(), new]).T)
@@ -185,9 +200,16 @@ class CodaPromptPool(nn.Module):
             raise ValueError(f"CODA prompt length {length} must be even (half key, half value prefixes)")
         self.length, self.dim = length, dim
         if self.per_session * num_sessions > dim:
-            log.warning("CODA: %d components per session x %d sessions exceed the key width %d, so they cannot all be "
-                        "orthogonal: a session slice that ends beyond %d is initialised with random unit vectors "
-                        "instead of Gram-Schmidt (use pool_size <= %d)", self.per_session, num_sessions, dim, dim, dim)
+            log.warning(
+                "CODA: %d components per session x %d sessions exceed the key width %d, so they cannot all be "
+                "orthogonal: a session slice that ends beyond %d is initialised with random unit vectors "
+                "instead of Gram-Schmidt (use pool_size <= %d)",
+                self.per_session,
+                num_sessions,
+                dim,
+                dim,
+                dim,
+            )
         self.prompts = nn.Parameter(torch.zeros(layers, pool_size, length * dim))
         self.keys = nn.Parameter(torch.zeros(layers, pool_size, dim))
         self.attention = nn.Parameter(torch.zeros(layers, pool_size, dim))
@@ -216,9 +238,9 @@ class CodaPromptPool(nn.Module):
         """Prompts ``[layers, B, length, dim]`` for queries ``[B, dim]``, and ``ortho_mu`` times the
         orthogonality penalty of the active K, A and P (zero unless training with ``ortho_mu > 0``)."""
         keys, attention, prompts = (self._active(t, train) for t in (self.keys, self.attention, self.prompts))
-        alpha = coda_weights(query, attention, keys)                        # [layers, B, active]
+        alpha = coda_weights(query, attention, keys)  # [layers, B, active]
         with _no_autocast(query.device):
-            mixed = torch.bmm(alpha, prompts.float())                       # [layers, B, length * dim]
+            mixed = torch.bmm(alpha, prompts.float())  # [layers, B, length * dim]
         penalty = query.new_zeros((), dtype=torch.float32)
         if train and ortho_mu > 0:
             for layer in range(keys.shape[0]):

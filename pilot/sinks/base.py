@@ -15,8 +15,13 @@ class Sink(ABC):
     """
 
     @abstractmethod
-    def open(self, run_dir: Path, run_info: dict[str, Any], config: dict[str, Any],
-             previous: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> None: ...
+    def open(
+        self,
+        run_dir: Path,
+        run_info: dict[str, Any],
+        config: dict[str, Any],
+        previous: list[tuple[dict[str, Any], list[dict[str, Any]]]],
+    ) -> None: ...
 
     @abstractmethod
     def write(self, record: dict[str, Any], matrix_rows: list[dict[str, Any]]) -> None: ...

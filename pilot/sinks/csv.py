@@ -12,9 +12,25 @@ from pilot.sinks.base import Sink
 
 RUN_COLUMNS = ["run_id", "group_id", "method", "dataset", "backbone", "scenario", "seed", "num_sessions"]
 SESSION_COLUMNS = RUN_COLUMNS + [
-    "session", "n_seen", "n_new", "acc", "acc_top5", "acc_old", "acc_new", "acc_avg", "forgetting", "bwt",
-    "n_test", "train_time_s", "eval_time_s", "wall_time_s", "elapsed_s", "peak_mem_mb",
-    "params_total", "params_trainable", "finished_at",
+    "session",
+    "n_seen",
+    "n_new",
+    "acc",
+    "acc_top5",
+    "acc_old",
+    "acc_new",
+    "acc_avg",
+    "forgetting",
+    "bwt",
+    "n_test",
+    "train_time_s",
+    "eval_time_s",
+    "wall_time_s",
+    "elapsed_s",
+    "peak_mem_mb",
+    "params_total",
+    "params_trainable",
+    "finished_at",
 ]
 MATRIX_COLUMNS = RUN_COLUMNS + ["session", "block", "acc", "n_test"]
 SESSIONS_FILE, MATRIX_FILE = "sessions.csv", "matrix.csv"

@@ -21,8 +21,9 @@ WANDB_ID_FILE = "wandb_id.txt"
 
 
 class WandbSink(Sink):
-    def __init__(self, mode: str = "offline", project: str = "pilot", entity: str | None = None,
-                 tags: list[str] | None = None) -> None:
+    def __init__(
+        self, mode: str = "offline", project: str = "pilot", entity: str | None = None, tags: list[str] | None = None
+    ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.wandb.mode={mode!r}: use offline, online or disabled")
         self.mode, self.project, self.entity, self.tags = mode, project, entity, list(tags or [])
@@ -41,8 +42,16 @@ class WandbSink(Sink):
         id_file.write_text(run_id)
         name = f"{run_info['method']}-{run_info['dataset']}-{run_info['scenario']}-s{run_info['seed']}"
         self.run = wandb.init(
-            mode=self.mode, project=self.project, entity=self.entity, dir=str(run_dir), id=run_id,
-            name=name, group=run_info["group_id"], tags=self.tags, config=config, resume="allow",
+            mode=self.mode,
+            project=self.project,
+            entity=self.entity,
+            dir=str(run_dir),
+            id=run_id,
+            name=name,
+            group=run_info["group_id"],
+            tags=self.tags,
+            config=config,
+            resume="allow",
             job_type="train",
         )
         self.run.config.update({"pilot": run_info}, allow_val_change=True)
@@ -70,12 +79,17 @@ class WandbSink(Sink):
         try:
             fn(*args)
         except Exception as err:  # noqa: BLE001 - W&B must never break the run or the CSV
-            log.warning("W&B %s failed (%s: %s); W&B logging is off for the rest of this run, CSV results are unaffected",
-                        what, type(err).__name__, err)
+            log.warning(
+                "W&B %s failed (%s: %s); W&B logging is off for the rest of this run, CSV results are unaffected",
+                what,
+                type(err).__name__,
+                err,
+            )
             self.run = None
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
     """Numeric, finite entries only (W&B charts cannot show NaN)."""
-    return {k: v for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
