@@ -99,8 +99,7 @@ def ensure_writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and check a file can be written in it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()  # deleted on close
     except OSError as err:
         raise ConfigError(
             f"Results directory {path} is not writable ({err.strerror}). "

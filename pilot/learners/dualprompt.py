@@ -20,29 +20,23 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pilot.backbones.backbone import Backbone
-from pilot.backbones.prompting import Prefix, PromptedViT
-from pilot.data.pipeline import Batch, SessionData
+from pilot.backbones.prompting import Prefix
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
-from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
+from pilot.learners.prompt_pool import PromptPoolLearner
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
-from pilot.modules.features import FeatureCache
-from pilot.modules.masking import mask_old_classes, seen_class_logits
-from pilot.modules.prompts import PromptPool, vote_aligned_batch_size
+from pilot.modules.prompts import PromptPool
 from pilot.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-class DualPrompt(Learner):
+class DualPrompt(PromptPoolLearner):
     """Shared G-prefixes, a pool of E-prefixes selected by key, one linear head on CLS."""
-
-    requires_vit = True
 
     def __init__(
         self,
@@ -67,29 +61,36 @@ class DualPrompt(Learner):
         copy_previous_prompt: bool = True,
         pull_coeff: float = 0.1,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.g_layers, self.e_layers = [int(i) for i in g_prompt_layers], [int(i) for i in e_prompt_layers]
-        if set(self.g_layers) & set(self.e_layers):
+        g_layers, e_layers = [int(i) for i in g_prompt_layers], [int(i) for i in e_prompt_layers]
+        if set(g_layers) & set(e_layers):
             raise ConfigError(
-                f"method.g_prompt_layers {self.g_layers} and method.e_prompt_layers {self.e_layers} "
+                f"method.g_prompt_layers {g_layers} and method.e_prompt_layers {e_layers} "
                 "overlap; a block takes either the G- or the E-prompt"
             )
-        self.backbone.freeze()
-        self.vit = PromptedViT(backbone.vit, prefix_layers=self.g_layers + self.e_layers)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.epochs, self.batch_size, self.vote_batch_size = int(epochs), int(batch_size), int(vote_batch_size)
-        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
+        super().__init__(
+            backbone,
+            scenario,
+            runtime,
+            optimizer,
+            scheduler,
+            epochs,
+            batch_size,
+            eval_batch_size,
+            vote_batch_size,
+            batchwise_prompt,
+            batchwise_prompt_eval,
+            pull_coeff,
+            prefix_layers=g_layers + e_layers,
+        )
+        self.g_layers, self.e_layers = g_layers, e_layers
         self.g_length, self.e_length, self.top_k = int(g_prompt_length), int(e_prompt_length), int(top_k)
-        self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise_prompt), bool(batchwise_prompt_eval)
         self.task_forced_prompt, self.copy_previous_prompt = bool(task_forced_prompt), bool(copy_previous_prompt)
-        self.pull_coeff = float(pull_coeff)
         dim = self.vit.dim
         # G-prompt: per layer [key prefix; value prefix] rows, U(-1, 1).
         self.g_prompt = nn.Parameter(torch.empty(len(self.g_layers), 2 * self.g_length, dim).uniform_(-1, 1))
         # E-prompt pool: one entry = for each E layer [key prefix; value prefix] rows.
         self.e_pool = PromptPool(int(pool_size), len(self.e_layers) * 2 * self.e_length, dim, self.top_k)
         self.head = linear_head(dim, scenario.num_classes)
-        self.queries = FeatureCache()
         self.session = 0
         covered = self.e_pool.pool_size // self.top_k
         if (task_forced_prompt or copy_previous_prompt) and scenario.num_sessions > covered:
@@ -136,31 +137,12 @@ class DualPrompt(Learner):
         features = self.vit.forward_features(images, prefixes=self.prefixes(indices))
         return self.head(self.vit.pooled(features))
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        query = self.queries(batch, self.vit.query)
+    @property
+    def pool(self) -> PromptPool:
+        """The pool selected by key: the E-prompts."""
+        return self.e_pool
+
+    def forced_prompts(self, device: torch.device) -> torch.Tensor | None:
+        """During training session t every sample uses E-prompt t (``use_prompt_mask``), where the pool has room."""
         slots = self.task_slots(self.session) if self.task_forced_prompt else None
-        forced = None if slots is None else torch.arange(slots.start, slots.stop, device=query.device)
-        selection = self.e_pool.select(query, batchwise=self.batchwise_prompt, forced=forced)
-        logits = mask_old_classes(self.logits(batch.images, selection.indices), self.known, self.total)
-        return F.cross_entropy(logits, batch.labels) - self.pull_coeff * selection.pull
-
-    def train_session(self, session: SessionData) -> None:
-        train_trainable(
-            self,
-            session.train_batches(self.batch_size),
-            self.epochs,
-            self.loss,
-            self.optimizer,
-            self.runtime,
-            self.scheduler,
-            desc=f"dualprompt s{session.info.index}",
-        )
-
-    @torch.inference_mode()
-    def predict(self, batch: Batch) -> torch.Tensor:
-        with self.runtime.autocast():
-            query = self.queries(batch, self.vit.query)
-            indices = self.e_pool.select(
-                query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size
-            ).indices
-            return seen_class_logits(self.logits(batch.images, indices), self.total)
+        return None if slots is None else torch.arange(slots.start, slots.stop, device=device)

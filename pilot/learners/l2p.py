@@ -17,25 +17,18 @@ at every session.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pilot.backbones.backbone import Backbone
-from pilot.backbones.prompting import PromptedViT
-from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario
-from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
+from pilot.learners.prompt_pool import PromptPoolLearner
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
-from pilot.modules.features import FeatureCache
-from pilot.modules.masking import mask_old_classes, seen_class_logits
-from pilot.modules.prompts import PromptPool, vote_aligned_batch_size
+from pilot.modules.prompts import PromptPool
 from pilot.runtime import Runtime
 
 
-class L2P(Learner):
+class L2P(PromptPoolLearner):
     """Prompt pool with key-query selection, prompt tuning, one linear head over all classes."""
-
-    requires_vit = True
 
     def __init__(
         self,
@@ -55,48 +48,26 @@ class L2P(Learner):
         batchwise_prompt_eval: bool = True,
         pull_coeff: float = 0.1,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.backbone.freeze()
-        self.vit = PromptedViT(backbone.vit)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.epochs, self.batch_size, self.vote_batch_size = int(epochs), int(batch_size), int(vote_batch_size)
-        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
+        super().__init__(
+            backbone,
+            scenario,
+            runtime,
+            optimizer,
+            scheduler,
+            epochs,
+            batch_size,
+            eval_batch_size,
+            vote_batch_size,
+            batchwise_prompt,
+            batchwise_prompt_eval,
+            pull_coeff,
+        )
         self.top_k, self.prompt_length = int(top_k), int(prompt_length)
-        self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise_prompt), bool(batchwise_prompt_eval)
-        self.pull_coeff = float(pull_coeff)
         self.pool = PromptPool(int(pool_size), self.prompt_length, self.vit.dim, self.top_k)
         self.head = linear_head(self.vit.dim, scenario.num_classes)
-        self.queries = FeatureCache()  # q(x) of test images: the frozen model never changes
 
     def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Head logits ``[B, all classes]`` with the prompts ``indices`` ``[B, k]`` inserted after CLS."""
+        """Prompts ``indices`` inserted after CLS; the head reads the mean of the prompt-token outputs."""
         prompts = self.pool.gather(indices).flatten(1, 2)  # [B, k * length, C]
         features = self.vit.forward_features(images, tokens=prompts)
         return self.head(self.vit.prompt_mean(features, prompts.shape[1]))
-
-    def loss(self, batch: Batch) -> torch.Tensor:
-        query = self.queries(batch, self.vit.query)
-        selection = self.pool.select(query, batchwise=self.batchwise_prompt)
-        logits = mask_old_classes(self.logits(batch.images, selection.indices), self.known, self.total)
-        return F.cross_entropy(logits, batch.labels) - self.pull_coeff * selection.pull
-
-    def train_session(self, session: SessionData) -> None:
-        train_trainable(
-            self,
-            session.train_batches(self.batch_size),
-            self.epochs,
-            self.loss,
-            self.optimizer,
-            self.runtime,
-            self.scheduler,
-            desc=f"l2p s{session.info.index}",
-        )
-
-    @torch.inference_mode()
-    def predict(self, batch: Batch) -> torch.Tensor:
-        with self.runtime.autocast():
-            query = self.queries(batch, self.vit.query)
-            indices = self.pool.select(
-                query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size
-            ).indices
-            return seen_class_logits(self.logits(batch.images, indices), self.total)

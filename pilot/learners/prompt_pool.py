@@ -1,0 +1,95 @@
+"""The flow L2P and DualPrompt share (METHODS.md §1-2): a frozen query picks prompts from a pool by
+key, the prompted ViT classifies, and the selected keys are pulled towards the queries::
+
+    q   = f(x)[CLS]                                   frozen, unprompted; cached for test images
+    ids = top-k_i cos(q, k_i)                         batch-voted if enabled, or forced (DualPrompt)
+    L   = CE(mask_old(logits(x, ids)), y) - pull_coeff * sum_{i in ids} cos(q, k_i) / B
+
+Subclasses build ``self.pool`` (a :class:`PromptPool`) and say how the selected prompts enter the
+ViT (:meth:`PromptPoolLearner.logits`).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pilot.backbones.backbone import Backbone
+from pilot.backbones.prompting import PromptedViT
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario
+from pilot.learners.base import Learner
+from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
+from pilot.modules.features import FeatureCache
+from pilot.modules.masking import mask_old_classes, seen_class_logits
+from pilot.modules.prompts import PromptPool, vote_aligned_batch_size
+from pilot.runtime import Runtime
+
+
+class PromptPoolLearner(Learner):
+    """Frozen ViT + key-query prompt pool + one linear head over all classes."""
+
+    requires_vit = True
+    pool: PromptPool
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None,
+        epochs: int,
+        batch_size: int,
+        eval_batch_size: int,
+        vote_batch_size: int,
+        batchwise_prompt: bool,
+        batchwise_prompt_eval: bool,
+        pull_coeff: float,
+        prefix_layers: Sequence[int] = (),
+    ) -> None:
+        super().__init__(backbone, scenario, runtime)
+        self.backbone.freeze()
+        self.vit = PromptedViT(backbone.vit, prefix_layers=prefix_layers)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.epochs, self.batch_size, self.vote_batch_size = int(epochs), int(batch_size), int(vote_batch_size)
+        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
+        self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise_prompt), bool(batchwise_prompt_eval)
+        self.pull_coeff = float(pull_coeff)
+        self.queries = FeatureCache()  # q(x) of test images: the frozen model never changes
+
+    @abstractmethod
+    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Head logits ``[B, all classes]`` of the ViT prompted with pool entries ``indices`` ``[B, k]``."""
+
+    def forced_prompts(self, device: torch.device) -> torch.Tensor | None:
+        """Pool ids every training sample must use instead of the key match (default: none)."""
+        return None
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        query = self.queries(batch, self.vit.query)
+        selection = self.pool.select(query, batchwise=self.batchwise_prompt, forced=self.forced_prompts(query.device))
+        logits = mask_old_classes(self.logits(batch.images, selection.indices), self.known, self.total)
+        return F.cross_entropy(logits, batch.labels) - self.pull_coeff * selection.pull
+
+    def train_session(self, session: SessionData) -> None:
+        train_trainable(
+            self,
+            session.train_batches(self.batch_size),
+            self.epochs,
+            self.loss,
+            self.optimizer,
+            self.runtime,
+            self.scheduler,
+            desc=f"{type(self).__name__} s{session.info.index}",
+        )
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.runtime.autocast():
+            query = self.queries(batch, self.vit.query)
+            selection = self.pool.select(query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size)
+            return seen_class_logits(self.logits(batch.images, selection.indices), self.total)
