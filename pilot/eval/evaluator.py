@@ -43,8 +43,9 @@ class Evaluator:
         if self._current is None:
             raise RuntimeError("call start_session() before update()")
         block = self.session_of_label[labels]
-        hit = logits.argmax(dim=1) == labels
-        self._correct += torch.bincount(block[hit], minlength=self.num_sessions)
+        hit = (logits.argmax(dim=1) == labels).long()
+        # Weighted bincount, not block[hit]: boolean indexing would make the host wait for the GPU.
+        self._correct += torch.bincount(block, weights=hit, minlength=self.num_sessions).long()
         self._seen += torch.bincount(block, minlength=self.num_sessions)
         k = min(TOP_K, logits.shape[1])
         self._correct5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
