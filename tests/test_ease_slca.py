@@ -383,6 +383,19 @@ def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
     assert logits.shape == (16, 2) and torch.isfinite(logits).all()
 
 
+def test_slca_can_keep_batchnorm_statistics_fixed():
+    runtime, scenario, pipeline = tiny_setup(num_classes=4)
+    torch.manual_seed(0)
+    resnet = Backbone(timm.create_model("test_resnet", pretrained=False, num_classes=0), "test_resnet", 32, None,
+                      None, pretrained=False)
+    learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=True)
+    bn = resnet.model.bn1
+    running, weight = bn.running_mean.clone(), bn.weight.detach().clone()
+    fit(learner, pipeline, scenario.sessions[0])
+    torch.testing.assert_close(bn.running_mean, running, rtol=0, atol=0)  # statistics fixed
+    assert not torch.equal(bn.weight, weight)  # the affine weights still train
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("method", ["ease", "slca"])
 def test_three_sessions_through_hydra(tmp_path, fast, method):

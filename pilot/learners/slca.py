@@ -80,6 +80,7 @@ class SLCA(Learner):
         ca_logit_norm: float | None = 0.1,
         covariance_shrink: float = 1e-4,
         reference_session_mapping: bool = False,
+        freeze_batchnorm_stats: bool = False,
         stats_batch_size: int = 128,
         eval_batch_size: int = 256,
     ) -> None:
@@ -96,6 +97,7 @@ class SLCA(Learner):
         self.ca_batch_size = ca_batch_size
         self.ca_logit_norm = ca_logit_norm
         self.reference_session_mapping = reference_session_mapping
+        self.freeze_batchnorm_stats = freeze_batchnorm_stats
         self.stats_batch_size = stats_batch_size
         self.eval_batch_size = eval_batch_size
         if backbone_lr_scale == 0:  # the reference's fix_bcb: heads only
@@ -122,6 +124,13 @@ class SLCA(Learner):
         self.aligned_bias = torch.cat([self.aligned_bias, self.aligned_bias.new_zeros(extra)])
 
     def train_session(self, session: SessionData) -> None:
+        if self.freeze_batchnorm_stats:
+            # BatchNorm layers normalise with their pretrained running statistics and do not update
+            # them (their affine weights still train): a CNN's statistics then do not drift to each
+            # new session's few classes. ViTs have no BatchNorm; the option changes nothing there.
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         head = self.heads[-1]
         groups = [{"params": list(head.parameters())}]
         backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
