@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import run_config
+
 from pilot.runtime import Runtime
 
 METHODS = ["simplecil", "l2p", "dualprompt", "coda", "ease", "slca"]
@@ -20,7 +20,8 @@ METHODS = ["simplecil", "l2p", "dualprompt", "coda", "ease", "slca"]
 
 @pytest.fixture
 def bf16_on_cpu(monkeypatch):
-    monkeypatch.setattr(Runtime, "autocast_dtype", property(lambda self: torch.bfloat16 if self.precision == "bf16" else None))
+    forced = property(lambda self: torch.bfloat16 if self.precision == "bf16" else None)
+    monkeypatch.setattr(Runtime, "autocast_dtype", forced)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -386,8 +386,14 @@ def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
 def test_slca_can_keep_batchnorm_statistics_fixed():
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     torch.manual_seed(0)
-    resnet = Backbone(timm.create_model("test_resnet", pretrained=False, num_classes=0), "test_resnet", 32, None,
-                      None, pretrained=False)
+    resnet = Backbone(
+        timm.create_model("test_resnet", pretrained=False, num_classes=0),
+        "test_resnet",
+        32,
+        None,
+        None,
+        pretrained=False,
+    )
     learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=True)
     bn = resnet.model.bn1
     running, weight = bn.running_mean.clone(), bn.weight.detach().clone()
