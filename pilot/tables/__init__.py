@@ -1,0 +1,110 @@
+"""Result CSVs -> paper tables and plots.
+
+    python -m pilot.tables RESULTS_DIR... [--methods simplecil,l2p,...] [--metrics acc_avg,acc_last,forgetting,time]
+                           [--datasets ...] [--backbones ...] [--scenarios ...] [--compare [PUBLISHED_CSV]]
+                           [--plots] [--heatmap RUN_DIR] [--out DIR]
+
+Every ``sessions.csv`` under the given directories is one run (single runs and Hydra multirun sweeps
+alike). Runs that differ only by their seed share a ``group_id`` (pilot/run_info.py) and make one
+table cell: mean ± sample std (ddof=1) over seeds of the last session's values, with the number of
+seeds. Rows are methods, columns are settings (dataset × backbone × scenario) × metrics:
+
+* ``acc_avg``  = Ā, the average incremental accuracy (``acc_avg`` of the last session),
+* ``acc_last`` = A_last, the top-1 after the last session (``acc`` of the last session),
+* ``forgetting``, ``bwt``, ``acc_top5`` (last session), ``time`` (``elapsed_s`` of the last session,
+  in minutes), ``memory`` (peak GPU memory over sessions, GB), ``params`` (trainable, millions).
+
+Groups with the same method/dataset/backbone/scenario labels but a different configuration (a
+learning-rate sweep, ...) are never merged: each becomes its own row, labelled with the config
+values that differ (read from each run's ``config.yaml``). Incomplete runs (fewer rows than
+``num_sessions``) and superseded reruns of the same run_id are listed apart and never averaged.
+
+Outputs (``--out``, default ``<first results dir>/tables``): ``table.md`` (also printed), ``table.tex``
+(booktabs, best mean per column in bold), ``table.csv`` (long form: one row per cell with mean, std,
+n, seeds, and the published value and difference with ``--compare``), ``incomplete.csv``; with
+``--plots`` per setting ``curves_<dataset>_<backbone>_<scenario>.{png,svg}`` and ``curves.csv``; with
+``--heatmap RUN_DIR`` the accuracy matrix of that run as ``heatmap_<run>.{png,svg}``.
+
+Modules: ``results`` (reading runs, seed groups, variants, cells), ``published`` (published numbers),
+``render`` (Markdown and LaTeX), ``plots`` (curves and heat maps), ``cli`` (the command line). Their
+public names are re-exported here, so ``from pilot import tables; tables.load_results(...)`` works.
+"""
+
+from pilot.tables.cli import build_parser, main
+from pilot.tables.plots import (
+    COLUMN_WIDTH_IN,
+    DPI,
+    HEATMAP_SIZE_IN,
+    STYLE,
+    curve_data,
+    curve_figure_size,
+    plot_curves,
+    plot_heatmap,
+    read_matrix,
+)
+from pilot.tables.published import DEFAULT_PUBLISHED, attach_published, read_published, unmatched
+from pilot.tables.render import PRETTY, to_latex, to_markdown
+from pilot.tables.results import (
+    CONFIG_FILE,
+    DEFAULT_METRICS,
+    MATRIX_FILE,
+    METHOD_ORDER,
+    METRICS,
+    ROW,
+    SESSIONS_FILE,
+    SETTING,
+    SPLIT_FILE,
+    Metric,
+    Results,
+    TablesError,
+    assign_variants,
+    find_run_dirs,
+    load_results,
+    read_run,
+    select,
+    summarize,
+)
+
+__all__ = [
+    # results
+    "SESSIONS_FILE",
+    "MATRIX_FILE",
+    "CONFIG_FILE",
+    "SPLIT_FILE",
+    "SETTING",
+    "ROW",
+    "METHOD_ORDER",
+    "Metric",
+    "METRICS",
+    "DEFAULT_METRICS",
+    "TablesError",
+    "find_run_dirs",
+    "read_run",
+    "Results",
+    "load_results",
+    "assign_variants",
+    "summarize",
+    "select",
+    # published
+    "DEFAULT_PUBLISHED",
+    "read_published",
+    "attach_published",
+    "unmatched",
+    # render
+    "PRETTY",
+    "to_markdown",
+    "to_latex",
+    # plots
+    "COLUMN_WIDTH_IN",
+    "DPI",
+    "STYLE",
+    "HEATMAP_SIZE_IN",
+    "curve_data",
+    "curve_figure_size",
+    "plot_curves",
+    "read_matrix",
+    "plot_heatmap",
+    # cli
+    "build_parser",
+    "main",
+]
