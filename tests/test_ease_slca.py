@@ -368,7 +368,7 @@ def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
         None,
         pretrained=False,
     )  # a tiny timm ResNet with BatchNorm
-    learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32)
+    learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=False)
     bn = resnet.model.bn1
     running = bn.running_mean.clone()
     fit(learner, pipeline, scenario.sessions[0])
