@@ -52,7 +52,7 @@ class Learner(nn.Module, ABC):
         if self.requires_vit and not backbone.is_vit:
             raise IncompatibleBackboneError(
                 f"{type(self).__name__} works on a timm VisionTransformer (it prompts or adapts the "
-                f"transformer blocks), but backbone {backbone.name} is a {type(backbone.model).__name__}. "
+                f"transformer blocks), but backbone {backbone.name} is a timm {type(backbone.model).__name__}. "
                 "Choose a ViT backbone, e.g. backbone=vit_b16_in1k."
             )
         self.backbone = backbone
