@@ -357,17 +357,22 @@ def test_slca_stage1_freezes_old_heads_and_evaluates_with_aligned_copies(monkeyp
     assert torch.equal(fresh.predict(batch), learner.predict(batch))
 
 
-def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
-    runtime, scenario, pipeline = tiny_setup(num_classes=4)
-    torch.manual_seed(0)
-    resnet = Backbone(
+def tiny_resnet() -> Backbone:
+    """A tiny randomly initialised timm ResNet (with BatchNorm) as a 32 px backbone."""
+    return Backbone(
         timm.create_model("test_resnet", pretrained=False, num_classes=0),
         "test_resnet",
         32,
         None,
         None,
         pretrained=False,
-    )  # a tiny timm ResNet with BatchNorm
+    )
+
+
+def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
+    runtime, scenario, pipeline = tiny_setup(num_classes=4)
+    torch.manual_seed(0)
+    resnet = tiny_resnet()
     learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=False)
     bn = resnet.model.bn1
     running = bn.running_mean.clone()
@@ -386,14 +391,7 @@ def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
 def test_slca_can_keep_batchnorm_statistics_fixed():
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     torch.manual_seed(0)
-    resnet = Backbone(
-        timm.create_model("test_resnet", pretrained=False, num_classes=0),
-        "test_resnet",
-        32,
-        None,
-        None,
-        pretrained=False,
-    )
+    resnet = tiny_resnet()
     learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=True)
     bn = resnet.model.bn1
     running, weight = bn.running_mean.clone(), bn.weight.detach().clone()
