@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -51,7 +51,56 @@ def compose_config(overrides: list[str]) -> DictConfig:
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
+    apply_method_presets(cfg, cfg_choice("method"), overrides)
     return cfg
+
+
+def cfg_choice(group: str) -> str | None:
+    """The option chosen for config ``group`` in the current Hydra config (None if none)."""
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def _leaf_paths(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """``(dotted path, value)`` of every leaf of a plain nested dict (lists are leaves)."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaf_paths(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def command_line_keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys that command-line ``overrides`` set as values (``a.b=1``, ``+a.b=1``,
+    ``++a.b=1``, ``~a.b``), leaving out config-group choices (``dataset=cifar100``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key.startswith("hydra") or (CONFIG_DIR / key).is_dir():
+            continue
+        keys.add(key)
+    return keys
+
+
+def apply_method_presets(cfg: DictConfig, method: str | None, overrides: Sequence[str]) -> None:
+    """Merge ``cfg.for_method[method]`` into ``cfg`` and remove ``for_method``.
+
+    A multi-method preset (``experiment=pilot_reference``) cannot write ``method.reference_prefix_layout``
+    for every learner, since only DualPrompt has that parameter; it writes it under
+    ``for_method.dualprompt.method`` instead. Precedence: method file < preset < ``for_method`` <
+    command line: a value whose key (or a parent of it) is set in ``overrides`` is left alone.
+    Values are copied unresolved, so interpolations such as ``${per_dataset:...}`` keep working.
+    """
+    if "for_method" not in cfg:
+        return
+    presets = OmegaConf.to_container(cfg.for_method, resolve=False) or {}
+    explicit = command_line_keys(overrides)
+    with open_dict(cfg):
+        del cfg["for_method"]
+        for path, value in _leaf_paths(presets.get(method, {}) if method else {}):
+            if not any(path == key or path.startswith(key + ".") for key in explicit):
+                OmegaConf.update(cfg, path, value, merge=True, force_add=True)
 
 
 def available_options(group: str) -> list[str]:

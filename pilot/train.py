@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pilot.config import CONFIG_DIR, register_resolvers
+from pilot.config import CONFIG_DIR, apply_method_presets, available_options, cfg_choice, register_resolvers
 from pilot.errors import PilotError
 
 log = logging.getLogger("pilot")
@@ -24,6 +24,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     from pilot.run import run  # imported here so that `--help` and config errors stay fast
 
+    apply_method_presets(cfg, cfg_choice("method"), HydraConfig.get().overrides.task)
     try:
         table = run(cfg, HydraConfig.get().runtime.output_dir)
     except PilotError as err:
@@ -32,5 +33,18 @@ def main(cfg: DictConfig) -> float | None:
     return float(table["acc"].iloc[-1]) if len(table) else None
 
 
+def _require_method(argv: list[str]) -> None:
+    """Presets are loaded by the method's config: without ``+method=`` Hydra would only say that
+    ``experiment`` cannot be overridden. Say what is missing instead."""
+    words = [a for a in argv if not a.startswith("-")]
+    if any(a.startswith("experiment=") for a in words) and not any(a.lstrip("+").startswith("method=") for a in words):
+        print(
+            f"ConfigError: No method chosen. Add +method=NAME, one of: {', '.join(available_options('method'))}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    _require_method(sys.argv[1:])
     main()

@@ -2,14 +2,17 @@
 
 In-memory uint8 datasets are transformed in batches on the compute device:
 ``train_batch`` = RandomResizedCrop + horizontal flip, ``test_batch`` = Resize(short side
-``size / test_crop_pct``, bicubic) + CenterCrop(``size``). Image files take the same geometric steps
-on the CPU in loader workers (PIL, torchvision) and are finished (scaled, normalised) on the device.
+``size / test_crop_pct``, ``test_interpolation``: bicubic, or bilinear for CODA-Prompt) + CenterCrop(``size``).
+Image files take the same geometric steps on the CPU in loader workers (PIL, torchvision) and are
+finished (scaled, normalised) on the device.
 
 Reference recipe for ViTs (METHODS.md §0.2): RRC(224, scale 0.05-1, ratio 3/4-4/3) + flip for
 training; Resize(256, bicubic) + CenterCrop(224) for testing and prototype passes; inputs in [0, 1]
 with no mean/std normalisation. Known difference: the reference crops CIFAR with PIL, we crop
-in-memory datasets with ``roi_align`` (bilinear, adaptive sampling) on the device. The bicubic test
-resize uses torch's antialiased bicubic kernel, the same kernel as PIL's.
+in-memory datasets with ``roi_align`` (bilinear, adaptive sampling) on the device. The test resize
+uses torch's antialiased kernels, the same as PIL's (bicubic: equal; bilinear: within one grey level).
+CODA-Prompt's own transforms (``configs/transforms/coda.yaml``) resize test images bilinearly
+(torchvision's default), every other method bicubically.
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+TEST_INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
+
 
 class ImageTransforms:
-    """Train and test transforms for one input size and normalisation."""
+    """Train and test transforms for one input size and normalisation.
+
+    ``test_interpolation``: the test (and prototype pass) resize, ``"bicubic"`` (the reference
+    recipe) or ``"bilinear"`` (CODA-Prompt's transforms); used by :meth:`test_batch` and :meth:`test_pil`.
+    """
 
     def __init__(
         self,
@@ -35,9 +44,14 @@ class ImageTransforms:
         train_ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip_prob: float = 0.5,
         test_crop_pct: float = 0.875,
+        test_interpolation: str = "bicubic",
     ) -> None:
         if (mean is None) != (std is None):
             raise ValueError("backbone.mean and backbone.std must be both set or both null")
+        if test_interpolation not in TEST_INTERPOLATIONS:
+            raise ValueError(
+                f"transforms.test_interpolation={test_interpolation!r}; allowed: {', '.join(TEST_INTERPOLATIONS)}"
+            )
         self.size = int(size)
         self.mean = None if mean is None else torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
@@ -45,6 +59,7 @@ class ImageTransforms:
         self.train_ratio = (float(train_ratio[0]), float(train_ratio[1]))
         self.hflip_prob = float(hflip_prob)
         self.test_resize = math.floor(self.size / test_crop_pct + 1e-6)
+        self.test_interpolation = TEST_INTERPOLATIONS[test_interpolation]
 
     # ------------------------------------------------------------------ device side (uint8 batches)
     def finish(self, images: torch.Tensor) -> torch.Tensor:
@@ -57,8 +72,8 @@ class ImageTransforms:
         return x.contiguous()
 
     def test_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize(short side) bicubic + CenterCrop, then :meth:`finish`."""
-        x = TF.resize(images, [self.test_resize], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        """Resize(short side, ``test_interpolation``) + CenterCrop, then :meth:`finish`."""
+        x = TF.resize(images, [self.test_resize], interpolation=self.test_interpolation, antialias=True)
         return self.finish(TF.center_crop(x, [self.size, self.size]))
 
     def train_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -92,7 +107,7 @@ class ImageTransforms:
     def test_pil(self) -> v2.Compose:
         return v2.Compose(
             [
-                v2.Resize(self.test_resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.Resize(self.test_resize, interpolation=self.test_interpolation, antialias=True),
                 v2.CenterCrop(self.size),
                 v2.PILToTensor(),
             ]

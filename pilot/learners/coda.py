@@ -9,7 +9,7 @@ Rehearsal-Free Continual Learning", CVPR 2023), as LAMDA-PILOT runs it (METHODS.
         p_l     = sum_k alpha_k P_{l,k}                          # length x dim
         z       = f(x; p_l[:length/2] key / p_l[length/2:] value prefixes in layer l)
         L       = CE(mask_old(g(z[CLS])), y) + mu * ortho penalty     (mu = 0 in the reference)
-    lr_e = lr_0 cos(99 pi e / (200 (K-1)))
+    lr_0 = lr_1 = base lr, lr_e = base lr * cos(99 pi (e-1) / (200 (K-1)))  (scheduler.shifted=true, §3.2)
     predict: the same forward with every component learned so far; logits over seen classes.
 
 Class order: the reference runs CODA on the natural class order with seed 0 (METHODS.md §3.5); our
@@ -24,7 +24,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.prompting import Prefix, PromptedViT
@@ -32,6 +31,7 @@ from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
 from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
+from pilot.modules.classifiers import linear_head
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompts import CodaPromptPool
@@ -71,7 +71,7 @@ class CodaPrompt(Learner):
         self.pool = CodaPromptPool(
             len(self.layers), int(pool_size), int(prompt_length), self.vit.dim, scenario.num_sessions
         )
-        self.head = nn.Linear(self.vit.dim, scenario.num_classes)  # PyTorch default init (METHODS.md §3.1)
+        self.head = linear_head(self.vit.dim, scenario.num_classes, init="torch")  # PyTorch default init (§3.1)
         self.queries = FeatureCache()
 
     def begin_session(self, info: SessionInfo) -> None:

@@ -12,6 +12,10 @@ Learning", ECCV 2022), as LAMDA-PILOT runs it (METHODS.md §2).
 
 If the pool is smaller than ``sessions x top_k``, the reference silently stops forcing (and copying)
 E-prompts for the sessions beyond it; we do the same and say so at construction.
+
+``reference_prefix_layout`` (default off): E-prefixes laid out as LAMDA-PILOT lays them out, which
+mixes the key and value prefixes of neighbouring samples of a batch (:func:`reference_e_layout`,
+docs/methods.md §2.1); off gives the paper's separate key and value prefixes per sample.
 """
 
 from __future__ import annotations
@@ -33,6 +37,37 @@ from pilot.modules.prompts import PromptPool
 from pilot.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+def reference_e_layout(e: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """LAMDA-PILOT's E-prefix layout (docs/methods.md §2.1), applied per batch of ``group_size``
+    consecutive samples (default: the whole batch; a last smaller group is its own batch).
+
+    ``e`` ``[layers, 2 (key, value), n, K, C]`` holds each sample's own key and value prefixes
+    (``K = top_k x length``). The reference indexes its pool into this order and *reshapes* it,
+    without a permute, to ``[layers, n, 2, K, C]``, then reads ``[:, b, 0]`` as sample ``b``'s key
+    prefix and ``[:, b, 1]`` as its value prefix. Numbering the ``2n`` blocks of ``K`` rows in
+    memory order ``c = r * n + j`` (row ``r`` of sample ``j``), sample ``b`` therefore receives::
+
+        key   = block 2b      = row (2b) // n     of sample (2b) mod n
+        value = block 2b + 1  = row (2b + 1) // n of sample (2b + 1) mod n
+
+    i.e. for ``b < n/2`` the key rows of samples ``2b`` and ``2b + 1``, for ``b >= n/2`` the value
+    rows of samples ``2b - n`` and ``2b - n + 1`` (odd ``n``: the middle sample gets the key rows of
+    sample ``n - 1`` and the value rows of sample 0). Returns ``[layers, 2, n, K, C]`` like ``e``.
+    """
+    layers, _, n, K, C = e.shape
+    g = min(group_size or n, n)
+    full = n // g * g  # samples in whole groups; the rest form one smaller group
+
+    def layout(x: torch.Tensor, groups: int, size: int) -> torch.Tensor:  # [layers, 2, groups * size, K, C]
+        x = x.reshape(layers, 2, groups, size, K, C).transpose(1, 2)  # each group's own [layers, 2, size, K, C]
+        return x.reshape(layers, groups * size, 2, K, C).transpose(1, 2)  # the reference's reshape, per group
+
+    parts = [layout(e[:, :, :full], full // g, g)]
+    if full < n:
+        parts.append(layout(e[:, :, full:], 1, n - full))
+    return torch.cat(parts, dim=2)
 
 
 class DualPrompt(PromptPoolLearner):
@@ -60,6 +95,7 @@ class DualPrompt(PromptPoolLearner):
         task_forced_prompt: bool = True,
         copy_previous_prompt: bool = True,
         pull_coeff: float = 0.1,
+        reference_prefix_layout: bool = False,
     ) -> None:
         g_layers, e_layers = [int(i) for i in g_prompt_layers], [int(i) for i in e_prompt_layers]
         if set(g_layers) & set(e_layers):
@@ -85,6 +121,7 @@ class DualPrompt(PromptPoolLearner):
         self.g_layers, self.e_layers = g_layers, e_layers
         self.g_length, self.e_length, self.top_k = int(g_prompt_length), int(e_prompt_length), int(top_k)
         self.task_forced_prompt, self.copy_previous_prompt = bool(task_forced_prompt), bool(copy_previous_prompt)
+        self.reference_prefix_layout = bool(reference_prefix_layout)
         dim = self.vit.dim
         # G-prompt: per layer [key prefix; value prefix] rows, U(-1, 1).
         self.g_prompt = nn.Parameter(torch.empty(len(self.g_layers), 2 * self.g_length, dim).uniform_(-1, 1))
@@ -121,8 +158,10 @@ class DualPrompt(PromptPoolLearner):
             if previous is not None and current is not None:
                 self.e_pool.copy_slots(previous, current)
 
-    def prefixes(self, indices: torch.Tensor) -> dict[int, Prefix]:
-        """Key/value prefixes per block: the G-prompt, and the E-prompts ``indices`` ``[B, k]``."""
+    def prefixes(self, indices: torch.Tensor, group_size: int | None = None) -> dict[int, Prefix]:
+        """Key/value prefixes per block: the G-prompt, and the E-prompts ``indices`` ``[B, k]``
+        (the ``k`` prompts' prefixes concatenated). With ``reference_prefix_layout`` the E-prefixes
+        follow :func:`reference_e_layout` within each batch of ``group_size`` samples (None: all ``B``)."""
         L = self.g_length
         prefixes = {
             layer: (self.g_prompt[i, None, :L], self.g_prompt[i, None, L:]) for i, layer in enumerate(self.g_layers)
@@ -130,11 +169,13 @@ class DualPrompt(PromptPoolLearner):
         B, k = indices.shape
         e = self.e_pool.gather(indices).view(B, k, len(self.e_layers), 2, self.e_length, -1)
         e = e.permute(2, 3, 0, 1, 4, 5).flatten(3, 4)  # [layers, k/v, B, k * length, C]
+        if self.reference_prefix_layout:
+            e = reference_e_layout(e, group_size)
         prefixes.update({layer: (e[i, 0], e[i, 1]) for i, layer in enumerate(self.e_layers)})
         return prefixes
 
-    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        features = self.vit.forward_features(images, prefixes=self.prefixes(indices))
+    def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+        features = self.vit.forward_features(images, prefixes=self.prefixes(indices, group_size))
         return self.head(self.vit.pooled(features))
 
     @property

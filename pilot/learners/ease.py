@@ -47,9 +47,11 @@ from pilot.learners.base import Learner
 from pilot.learners.training import train_epochs
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.features import FeatureCache, extract_features
+from pilot.modules.precision import float32_compute
 from pilot.runtime import Runtime
 
 
+@float32_compute
 def complement_prototypes(prototypes: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
     """Semantic-guided prototype complement (METHODS.md §4.2 step 2; reference ``solve_sim_reset``).
 
@@ -71,6 +73,7 @@ def complement_prototypes(prototypes: torch.Tensor, bounds: Sequence[int]) -> to
     return out
 
 
+@float32_compute
 def ensemble_logits(
     features: torch.Tensor, prototypes: torch.Tensor, class_session: torch.Tensor, alpha: float = 0.1
 ) -> torch.Tensor:

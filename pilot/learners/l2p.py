@@ -66,8 +66,9 @@ class L2P(PromptPoolLearner):
         self.pool = PromptPool(int(pool_size), self.prompt_length, self.vit.dim, self.top_k)
         self.head = linear_head(self.vit.dim, scenario.num_classes)
 
-    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Prompts ``indices`` inserted after CLS; the head reads the mean of the prompt-token outputs."""
+    def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+        """Prompts ``indices`` inserted after CLS; the head reads the mean of the prompt-token outputs
+        (per sample: ``group_size`` plays no part)."""
         prompts = self.pool.gather(indices).flatten(1, 2)  # [B, k * length, C]
         features = self.vit.forward_features(images, tokens=prompts)
         return self.head(self.vit.prompt_mean(features, prompts.shape[1]))

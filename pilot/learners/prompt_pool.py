@@ -62,8 +62,12 @@ class PromptPoolLearner(Learner):
         self.queries = FeatureCache()  # q(x) of test images: the frozen model never changes
 
     @abstractmethod
-    def logits(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Head logits ``[B, all classes]`` of the ViT prompted with pool entries ``indices`` ``[B, k]``."""
+    def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+        """Head logits ``[B, all classes]`` of the ViT prompted with pool entries ``indices`` ``[B, k]``.
+
+        ``group_size``: the reference's batch, for a forward that depends on a sample's position in
+        it (DualPrompt's ``reference_prefix_layout``): training passes None (the batch is the
+        reference's), :meth:`predict` passes ``vote_batch_size`` (the reference's test batches)."""
 
     def forced_prompts(self, device: torch.device) -> torch.Tensor | None:
         """Pool ids every training sample must use instead of the key match (default: none)."""
@@ -92,4 +96,5 @@ class PromptPoolLearner(Learner):
         with self.runtime.autocast():
             query = self.queries(batch, self.vit.query)
             selection = self.pool.select(query, batchwise=self.batchwise_prompt_eval, group_size=self.vote_batch_size)
-            return seen_class_logits(self.logits(batch.images, selection.indices), self.total)
+            logits = self.logits(batch.images, selection.indices, group_size=self.vote_batch_size)
+            return seen_class_logits(logits, self.total)

@@ -8,7 +8,8 @@ Per session T:
    groups, MultiStepLR per epoch); CE on the new head's logits with labels - known. Older heads are
    frozen: no gradient reaches them.
 2. Mean and covariance (float64, + 1e-4 I) of the new classes' features (training images, test
-   transform, backbone in eval mode). Old classes keep the statistics of their own session.
+   transform, backbone in eval mode and in float32 even in a bf16 run). Old classes keep the
+   statistics of their own session.
 3. Classifier alignment (T > 0): a copy of all heads is trained on samples of the class Gaussians
    (:mod:`pilot.modules.alignment`), with the means of class c scaled by 0.9 + 0.1 (t_c+1)/(T+1).
 
@@ -47,8 +48,10 @@ from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
 from pilot.learners.training import train_epochs
 from pilot.modules.alignment import align_classifier
+from pilot.modules.classifiers import linear_head
 from pilot.modules.features import extract_features
 from pilot.modules.gaussian import ClassGaussians
+from pilot.modules.precision import FP32Linear
 from pilot.runtime import Runtime
 
 
@@ -116,10 +119,7 @@ class SLCA(Learner):
         super().begin_session(info)
         device = self.aligned_weight.device
         self.heads.requires_grad_(False)
-        head = nn.Linear(self.backbone.feature_dim, info.num_new)
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        self.heads.append(head.to(device))
+        self.heads.append(linear_head(self.backbone.feature_dim, info.num_new).to(device))
         self.stats.grow(info.total)
         extra = info.total - self.aligned_weight.shape[0]
         zeros = self.aligned_weight.new_zeros(extra, self.backbone.feature_dim)
@@ -169,12 +169,13 @@ class SLCA(Learner):
                 session.prototype_batches(self.stats_batch_size),
                 self.runtime,
                 desc=f"class statistics s{info.index}",
+                full_precision=True,  # covariances: no bf16 rounding noise (modules/precision.py)
             )
         finally:
             self.backbone.train(was_training)
         self.stats.update(feats, labels, info.new_classes)
 
-        stage1 = nn.Linear(self.backbone.feature_dim, info.total).to(self.aligned_weight.device)
+        stage1 = FP32Linear(self.backbone.feature_dim, info.total).to(self.aligned_weight.device)
         with torch.no_grad():
             stage1.weight.copy_(torch.cat([h.weight for h in self.heads]))
             stage1.bias.copy_(torch.cat([h.bias for h in self.heads]))

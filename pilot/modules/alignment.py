@@ -27,11 +27,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from pilot.modules.gaussian import ClassGaussians
+from pilot.modules.precision import autocast_off, float32_compute
 from pilot.runtime import Runtime
 
 LOGIT_NORM_EPS = 1e-7  # added to every per-session norm (reference)
 
 
+@float32_compute
 def session_normalized_logits(
     logits: torch.Tensor, blocks: torch.Tensor, tau: float, num_blocks: int | None = None
 ) -> torch.Tensor:
@@ -73,36 +75,38 @@ def align_classifier(
     the ``t_c`` used in the mean scaling (the true session, or the reference's ``c // |C_T|``).
     ``optimizer``/``scheduler``: factories applied to ``head.parameters()`` / the optimizer; the
     scheduler steps once per epoch. ``tau=None`` turns the logit normalisation off.
-    Runs in float32 without autocast (a linear layer on 256-row batches). The loss is summed on the
-    device and read back once per epoch; returns the mean loss of every epoch.
+    Runs in float32 with autocast disabled, also when called inside a bf16 autocast region (a
+    linear layer on 256-row batches). The loss is summed on the device and read back once per
+    epoch; returns the mean loss of every epoch.
     """
-    device = gaussians.means.device
-    num_classes = gaussians.num_classes
-    blocks = blocks.to(device)
-    num_blocks = int(blocks.max()) + 1
-    scales = mean_scale(scale_sessions.to(device), current_session)
-    scale_tril = gaussians.scale_tril().float()  # factorised once (float64), sampled in float32
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = optimizer(params)
-    sched = scheduler(opt) if scheduler is not None else None
-    losses = []
-    for _epoch in runtime.progress_bar(range(epochs), desc="classifier alignment"):
-        inputs, targets = gaussians.sample(samples_per_class, mean_scale=scales, scale_tril=scale_tril)
-        order = torch.randperm(len(targets), device=device)
-        inputs, targets = inputs[order], targets[order]
-        total = torch.zeros((), device=device)
-        steps = 0
-        for start in range(0, len(targets), batch_size):
-            logits = head(inputs[start : start + batch_size])[:, :num_classes]
-            if tau:
-                logits = session_normalized_logits(logits, blocks, tau, num_blocks)
-            loss = F.cross_entropy(logits.float(), targets[start : start + batch_size])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
-            steps += 1
-        if sched is not None:
-            sched.step()
-        losses.append(total.item() / max(steps, 1))
-    return losses
+    with autocast_off(gaussians.means.device):
+        device = gaussians.means.device
+        num_classes = gaussians.num_classes
+        blocks = blocks.to(device)
+        num_blocks = int(blocks.max()) + 1
+        scales = mean_scale(scale_sessions.to(device), current_session)
+        scale_tril = gaussians.scale_tril().float()  # factorised once (float64), sampled in float32
+        params = [p for p in head.parameters() if p.requires_grad]
+        opt = optimizer(params)
+        sched = scheduler(opt) if scheduler is not None else None
+        losses = []
+        for _epoch in runtime.progress_bar(range(epochs), desc="classifier alignment"):
+            inputs, targets = gaussians.sample(samples_per_class, mean_scale=scales, scale_tril=scale_tril)
+            order = torch.randperm(len(targets), device=device)
+            inputs, targets = inputs[order], targets[order]
+            total = torch.zeros((), device=device)
+            steps = 0
+            for start in range(0, len(targets), batch_size):
+                logits = head(inputs[start : start + batch_size])[:, :num_classes]
+                if tau:
+                    logits = session_normalized_logits(logits, blocks, tau, num_blocks)
+                loss = F.cross_entropy(logits.float(), targets[start : start + batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+                steps += 1
+            if sched is not None:
+                sched.step()
+            losses.append(total.item() / max(steps, 1))
+        return losses

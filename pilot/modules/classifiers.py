@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pilot.modules.precision import FP32Linear, autocast_off
+
 
 class CosineLinear(nn.Module):
     """Cosine classifier: ``logits_c = sigma * cos(x, W_c)`` over the rows grown so far.
@@ -50,8 +52,10 @@ class CosineLinear(nn.Module):
         self.weight[rows.start : rows.stop] = vectors.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine logits in float32, also under autocast (bf16 would round cosines to ~0.004)."""
         sigma = self.sigma if self.sigma is not None else self.fixed_sigma
-        return sigma * F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        with autocast_off(x.device):
+            return sigma * F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, classes: range) -> torch.Tensor:
@@ -70,9 +74,16 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, classes: range) ->
     return (sums / counts).float()
 
 
-def linear_head(dim: int, num_classes: int) -> nn.Linear:
-    """The head of PILOT's prompt ViTs: timm's ``nn.Linear`` init (trunc-normal std .02, bias 0)."""
-    head = nn.Linear(dim, num_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
+def linear_head(dim: int, num_classes: int, init: str = "timm") -> FP32Linear:
+    """A linear classifier head, computed in float32 under autocast (:class:`FP32Linear`).
+
+    ``init``: ``timm`` = trunc-normal std .02, bias 0 (the head of PILOT's L2P/DualPrompt ViTs and
+    SLCA's per-session heads); ``torch`` = PyTorch's default ``nn.Linear`` init (CODA-Prompt).
+    """
+    head = FP32Linear(dim, num_classes)
+    if init == "timm":
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+    elif init != "torch":
+        raise ValueError(f"init={init!r}: use timm or torch")
     return head

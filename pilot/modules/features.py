@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -19,11 +20,16 @@ def extract_features(
     runtime: Runtime,
     desc: str = "features",
     cache: "FeatureCache | None" = None,
+    full_precision: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``fn`` over every batch; returns float32 features ``[N, D]`` and labels ``[N]`` on the device."""
+    """Run ``fn`` over every batch; returns float32 features ``[N, D]`` and labels ``[N]`` on the device.
+
+    ``fn`` runs under the run's autocast, or in float32 with ``full_precision`` (for features that
+    become stored statistics such as covariances; see :mod:`pilot.modules.precision`).
+    """
     feats, labels = [], []
     for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None):
-        with runtime.autocast():
+        with runtime.autocast() if not full_precision else contextlib.nullcontext():
             out = cache(batch, fn, runtime) if cache is not None else runtime.chunked(fn, batch.images)
         feats.append(out.float())
         labels.append(batch.labels)

@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pilot.modules.precision import float32_compute
 
+
+@float32_compute
 def class_statistics(
     features: torch.Tensor, labels: torch.Tensor, classes: range, shrink: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +57,7 @@ def class_statistics(
     return means, covs
 
 
+@float32_compute
 def sample_gaussians(
     means: torch.Tensor,
     scale_tril: torch.Tensor,

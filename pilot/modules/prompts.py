@@ -12,18 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pilot.modules.precision import autocast_off
+
 log = logging.getLogger(__name__)
 EPS = 1e-12  # as F.normalize / the reference's l2_normalize
 
 
-def _no_autocast(device: torch.device) -> torch.autocast:
-    """Selection scores are computed in float32 even under bf16 autocast (ties and top-k stay exact)."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 def cosine_similarity(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``[B, M]`` cosine similarities between queries ``[B, C]`` and keys ``[M, C]`` (float32)."""
-    with _no_autocast(query.device):
+    """``[B, M]`` cosine similarities between queries ``[B, C]`` and keys ``[M, C]`` (float32 even under
+    autocast, so that ties and the top-k stay exact)."""
+    with autocast_off(query.device):
         return F.normalize(query.float(), dim=1, eps=EPS) @ F.normalize(keys.float(), dim=1, eps=EPS).T
 
 
@@ -165,7 +163,7 @@ def coda_weights(query: torch.Tensor, attention: torch.Tensor, keys: torch.Tenso
 
         alpha = (q @ (A * K_hat)^T) / max(sqrt(q^2 @ (A^2)^T), eps),   K_hat = K / max(||K||, eps)
     """
-    with _no_autocast(query.device):
+    with autocast_off(query.device):
         q, a = query.float(), attention.float()
         k_hat = F.normalize(keys.float(), dim=-1, eps=EPS)
         num = torch.einsum("bc,lkc->lbk", q, a * k_hat)
@@ -239,7 +237,7 @@ class CodaPromptPool(nn.Module):
         orthogonality penalty of the active K, A and P (zero unless training with ``ortho_mu > 0``)."""
         keys, attention, prompts = (self._active(t, train) for t in (self.keys, self.attention, self.prompts))
         alpha = coda_weights(query, attention, keys)  # [layers, B, active]
-        with _no_autocast(query.device):
+        with autocast_off(query.device):
             mixed = torch.bmm(alpha, prompts.float())  # [layers, B, length * dim]
         penalty = query.new_zeros((), dtype=torch.float32)
         if train and ortho_mu > 0:
