@@ -192,7 +192,7 @@ def test_ease_on_vit_b16_trains_one_adapter_set_and_refuses_a_cnn():
     )
     learner = EASE(vit_b, scenario, runtime)
     per_set = 12 * (768 * 64 + 64 + 64 * 768 + 768)
-    assert per_set == 1_189_632  # METHODS.md §4.1: "≈1.19 M params per session"
+    assert per_set == 1_189_632  # docs/methods.md §4.1: "≈1.19 M params per session"
     for info in scenario.sessions:
         learner.begin_session(info)
         trainable = [p for p in learner.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""Class order, session sizes and label remapping against the reference protocol (METHODS.md §0.2)."""
+"""Class order, session sizes and label remapping against the reference protocol (docs/methods.md §0.2)."""
 
 from __future__ import annotations
 

@@ -523,7 +523,7 @@ def test_published_csv_holds_section_9():
     first = summary.drop_duplicates(["method", "dataset", "backbone", "scenario", "metric"]).set_index(
         ["method", "dataset", "backbone", "scenario", "metric"]
     )["value"]
-    expected = {  # the value --compare uses for a few cells (METHODS.md §9)
+    expected = {  # the value --compare uses for a few cells (docs/methods.md §9)
         ("simplecil", "cifar100", "vit_b16_in1k", "B0Inc10", "acc_last"): 76.2,  # PILOT plot
         ("simplecil", "imagenet_r", "vit_b16_in1k", "B0Inc20", "acc_avg"): 67.1,
         ("dualprompt", "imagenet_r", "vit_b16_in1k", "B0Inc20", "acc_last"): 69.2,

@@ -1,4 +1,4 @@
-"""AdaptFormer adapters on an unmodified timm VisionTransformer (METHODS.md §0.5).
+"""AdaptFormer adapters on an unmodified timm VisionTransformer (docs/methods.md §0.5).
 
 One :class:`Adapter` per transformer block, parallel to the MLP and fed with the residual stream
 ``h`` after the attention sub-block (the input of ``norm2``)::

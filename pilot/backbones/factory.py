@@ -36,7 +36,7 @@ def create_timm_backbone(
     """A timm model (``num_classes=0``) wrapped as a :class:`Backbone`.
 
     ``mean``/``std`` = the input normalisation; null means inputs in [0, 1], which is the
-    reference recipe for the ViT presets (METHODS.md §0.2).
+    reference recipe for the ViT presets (docs/methods.md §0.2).
     """
     kwargs = dict(model_kwargs or {})
     if model_name.split(".")[0] not in timm.list_models():

@@ -4,7 +4,7 @@ One layer serves every prompt learner (L2P, DualPrompt, CODA-Prompt), for a timm
 Nothing of the ViT is copied or subclassed: :class:`PromptedViT` runs the model's own
 ``forward_features`` while two hooks are installed for the duration of that one call:
 
-* **prompt tuning** (L2P, METHODS.md §1.1): a forward hook on ``vit.patch_drop`` (the module that
+* **prompt tuning** (L2P, docs/methods.md §1.1): a forward hook on ``vit.patch_drop`` (the module that
   ``forward_features`` calls right after ``_pos_embed``) inserts ``P`` prompt tokens after the prefix
   tokens (CLS, registers), giving ``[CLS, prompts, patches]``. Each prompt token receives the
   pretrained *CLS* position embedding (L2P enlarges the position table by copying the CLS entry to

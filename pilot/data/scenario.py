@@ -1,6 +1,6 @@
 """Class-incremental scenarios as data: a class order and a list of session sizes.
 
-Follows the reference protocol (METHODS.md §0.2): the class order is a numpy permutation seeded
+Follows the reference protocol (docs/methods.md §0.2): the class order is a numpy permutation seeded
 with the run seed (1993 by default), the natural order, or an explicit list; labels are remapped so
 that class ``order[i]`` becomes label ``i``; session ``t`` then holds the contiguous label range
 ``[known_t, known_t + size_t)``.
@@ -43,7 +43,7 @@ def make_class_order(num_classes: int, order: str | Sequence[int], seed: int) ->
 
 def make_session_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
     """``[init_cls]``, then ``increment`` while the running sum plus one more increment stays below
-    ``num_classes``, then one final session with the remainder (METHODS.md §0.2)."""
+    ``num_classes``, then one final session with the remainder (docs/methods.md §0.2)."""
     if init_cls < 1 or increment < 1:
         raise ConfigError(f"scenario.init_cls={init_cls} and scenario.increment={increment} must both be >= 1")
     if init_cls > num_classes:

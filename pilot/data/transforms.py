@@ -6,7 +6,7 @@ In-memory uint8 datasets are transformed in batches on the compute device:
 Image files take the same geometric steps on the CPU in loader workers (PIL, torchvision) and are
 finished (scaled, normalised) on the device.
 
-Reference recipe for ViTs (METHODS.md §0.2): RRC(224, scale 0.05-1, ratio 3/4-4/3) + flip for
+Reference recipe for ViTs (docs/methods.md §0.2): RRC(224, scale 0.05-1, ratio 3/4-4/3) + flip for
 training; Resize(256, bicubic) + CenterCrop(224) for testing and prototype passes; inputs in [0, 1]
 with no mean/std normalisation. Known difference: the reference crops CIFAR with PIL, we crop
 in-memory datasets with ``roi_align`` (bilinear, adaptive sampling) on the device. The test resize

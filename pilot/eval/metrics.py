@@ -24,7 +24,7 @@ def accuracy(R: np.ndarray, n: np.ndarray) -> np.ndarray:
         A_k = sum_{j<=k} n_j R[k, j] / sum_{j<=k} n_j
 
     It equals the plain top-1 over every seen test image, as logged by PyCIL/LAMDA-PILOT
-    (METHODS.md §0.3); it is not a class-mean accuracy when classes are imbalanced.
+    (docs/methods.md §0.3); it is not a class-mean accuracy when classes are imbalanced.
     """
     R, n = _check(R), np.asarray(n, dtype=np.float64)
     out = np.empty(len(R))

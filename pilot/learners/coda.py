@@ -1,5 +1,5 @@
 """CODA-Prompt (Smith et al., "CODA-Prompt: COntinual Decomposed Attention-based Prompting for
-Rehearsal-Free Continual Learning", CVPR 2023), as LAMDA-PILOT runs it (METHODS.md §3).
+Rehearsal-Free Continual Learning", CVPR 2023), as LAMDA-PILOT runs it (docs/methods.md §3).
 
     frozen ViT f; per prompted layer l: components P_l, keys K_l, attention vectors A_l; shared head g
     at the start of session t:  Gram-Schmidt init of the slice [t*n, (t+1)*n) of P, K, A
@@ -12,7 +12,7 @@ Rehearsal-Free Continual Learning", CVPR 2023), as LAMDA-PILOT runs it (METHODS.
     lr_0 = lr_1 = base lr, lr_e = base lr * cos(99 pi (e-1) / (200 (K-1)))  (scheduler.shifted=true, §3.2)
     predict: the same forward with every component learned so far; logits over seen classes.
 
-Class order: the reference runs CODA on the natural class order with seed 0 (METHODS.md §3.5); our
+Class order: the reference runs CODA on the natural class order with seed 0 (docs/methods.md §3.5); our
 ``method/coda.yaml`` keeps the common seed-1993 shuffled order for fair comparisons and
 ``experiment=coda_reference_order`` restores the quirk.
 """

@@ -1,5 +1,5 @@
 """DualPrompt (Wang et al., "DualPrompt: Complementary Prompting for Rehearsal-free Continual
-Learning", ECCV 2022), as LAMDA-PILOT runs it (METHODS.md §2).
+Learning", ECCV 2022), as LAMDA-PILOT runs it (docs/methods.md §2).
 
     frozen ViT f, G-prompt (layers 0-1), E-prompt pool {(k_i, E_i)} (layers 2-4), shared head g
     at the start of session t > 0:  E_t <- E_{t-1}                  # shared_prompt_pool (keys not copied)

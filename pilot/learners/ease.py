@@ -1,5 +1,5 @@
 """EASE (Zhou et al., "Expandable Subspace Ensemble for Pre-Trained Model-Based Class-Incremental
-Learning", CVPR 2024), as in LAMDA-PILOT ``models/ease.py`` (METHODS.md §4).
+Learning", CVPR 2024), as in LAMDA-PILOT ``models/ease.py`` (docs/methods.md §4).
 
 A frozen ViT and one AdaptFormer adapter set per session. Session t trains a fresh set (and a
 cosine proxy head over the session's classes) with CE; then the set is frozen for good.
@@ -53,7 +53,7 @@ from pilot.runtime import Runtime
 
 @float32_compute
 def complement_prototypes(prototypes: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
-    """Semantic-guided prototype complement (METHODS.md §4.2 step 2; reference ``solve_sim_reset``).
+    """Semantic-guided prototype complement (docs/methods.md §4.2 step 2; reference ``solve_sim_reset``).
 
     ``prototypes`` ``[C, S, D]``: class c's prototype in subspace j, real for every j >= session(c);
     ``bounds``: first class of each of the S sessions, then C (``bounds[t]:bounds[t+1]`` = session t).

@@ -1,5 +1,5 @@
 """L2P (Wang et al., "Learning to Prompt for Continual Learning", CVPR 2022), as LAMDA-PILOT runs it
-(METHODS.md §1).
+(docs/methods.md §1).
 
     frozen ViT f, prompt pool {(k_i, P_i)}_{i<M}, shared linear head g
     for each session t, for each batch (x, y):

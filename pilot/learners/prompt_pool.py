@@ -1,4 +1,4 @@
-"""The flow L2P and DualPrompt share (METHODS.md §1-2): a frozen query picks prompts from a pool by
+"""The flow L2P and DualPrompt share (docs/methods.md §1-2): a frozen query picks prompts from a pool by
 key, the prompted ViT classifies, and the selected keys are pulled towards the queries::
 
     q   = f(x)[CLS]                                   frozen, unprompted; cached for test images

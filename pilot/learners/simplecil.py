@@ -1,7 +1,7 @@
 """SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models", IJCV 2024).
 
 No training: a frozen backbone and a cosine classifier whose row for each class is the mean feature
-of that class's training images under the test transform (METHODS.md §5).
+of that class's training images under the test transform (docs/methods.md §5).
 
     logit_c(x) = cos(f(x), mu_c),   mu_c = mean_{x in X_c} f(x)
 
@@ -36,7 +36,7 @@ class SimpleCIL(Learner):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.backbone.freeze()
-        # Rows are written, never trained, and sigma stays 1 (METHODS.md §0.5).
+        # Rows are written, never trained, and sigma stays 1 (docs/methods.md §0.5).
         self.head = CosineLinear(backbone.feature_dim, learn_sigma=False).requires_grad_(False)
         self.features = FeatureCache()
 

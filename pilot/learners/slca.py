@@ -1,5 +1,5 @@
 """SLCA (Zhang et al., "SLCA: Slow Learner with Classifier Alignment for Continual Learning on a
-Pre-trained Model", ICCV 2023), as in LAMDA-PILOT ``models/slca.py`` (METHODS.md §6).
+Pre-trained Model", ICCV 2023), as in LAMDA-PILOT ``models/slca.py`` (docs/methods.md §6).
 
 Per session T:
 

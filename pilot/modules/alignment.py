@@ -1,4 +1,4 @@
-"""Classifier alignment on features sampled from class Gaussians (SLCA, METHODS.md §6.2).
+"""Classifier alignment on features sampled from class Gaussians (SLCA, docs/methods.md §6.2).
 
 Zhang et al., "SLCA: Slow Learner with Classifier Alignment for Continual Learning on a
 Pre-trained Model", ICCV 2023; behaviour as LAMDA-PILOT ``models/slca.py: _stage2_compact_classifier``.

@@ -14,7 +14,7 @@ from pilot.modules.precision import FP32Linear, autocast_off
 class CosineLinear(nn.Module):
     """Cosine classifier: ``logits_c = sigma * cos(x, W_c)`` over the rows grown so far.
 
-    As PyCIL/LAMDA-PILOT's ``CosineLinear`` (METHODS.md §0.5): ``sigma`` is a learnable scalar
+    As PyCIL/LAMDA-PILOT's ``CosineLinear`` (docs/methods.md §0.5): ``sigma`` is a learnable scalar
     initialised to 1 (or fixed when ``learn_sigma=False``); when the classifier grows, old rows are
     kept and new rows are zero (to be overwritten by prototypes) or U(-1/sqrt(d), 1/sqrt(d)) (for a
     head that is trained). Prototype rows need no normalisation: cosine scoring ignores their norm.

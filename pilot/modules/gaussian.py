@@ -1,6 +1,6 @@
 """Per-class Gaussian statistics of features, and sampling from them.
 
-Used by SLCA's classifier alignment (METHODS.md §6.2) and meant for the later learners that model
+Used by SLCA's classifier alignment (docs/methods.md §6.2) and meant for the later learners that model
 classes as Gaussians (FeCAM, MOS, RanPAC). For the features ``X_c`` (``n_c`` rows) of class c:
 
     mu_c    = (1 / n_c) sum_i x_i

@@ -12,7 +12,7 @@ def seen_class_logits(logits: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def mask_old_classes(logits: torch.Tensor, known: int, total: int) -> torch.Tensor:
-    """Training logits of LAMDA-PILOT's prompt learners (METHODS.md §1.2, §2.2, §3.2)::
+    """Training logits of LAMDA-PILOT's prompt learners (docs/methods.md §1.2, §2.2, §3.2)::
 
         z'_c = z_c    for known <= c < total   (classes of the current session)
         z'_c = -inf   for c < known             (old classes)

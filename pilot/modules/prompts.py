@@ -120,7 +120,7 @@ class PromptPool(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- CODA
 def gram_schmidt_slice(matrix: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """CODA-Prompt's online Gram-Schmidt initialisation of rows ``[start, stop)`` (METHODS.md §3.1).
+    """CODA-Prompt's online Gram-Schmidt initialisation of rows ``[start, stop)`` (docs/methods.md §3.1).
 
     Returns a matrix with rows ``[0, start)`` copied, rows ``[start, stop)`` fresh Gaussian vectors
     orthogonalised (Gram-Schmidt, in this order) against all earlier rows and normalised to unit
@@ -179,7 +179,7 @@ def orthogonality_penalty(rows: torch.Tensor) -> torch.Tensor:
 
 
 class CodaPromptPool(nn.Module):
-    """CODA-Prompt's prompt components for ``layers`` blocks (METHODS.md §3.1).
+    """CODA-Prompt's prompt components for ``layers`` blocks (docs/methods.md §3.1).
 
     Per layer ``l``: components ``P_l`` ``[pool, length * dim]`` (each a ``length x dim`` prompt,
     stored flattened as Gram-Schmidt sees it), keys ``K_l`` and attention vectors ``A_l``
