@@ -1,4 +1,4 @@
-"""What runs in float32 whatever the run precision (docs/methods.md §0, "bf16 and fp32").
+"""What runs in float32 whatever the run precision (docs/methods.md §0.1, "bf16 and fp32").
 
 Under bf16 autocast (the default on CUDA) the backbone's matmuls and convolutions run in bfloat16:
 8 bits of mantissa, a relative rounding step of 2^-8 ~ 0.4%. That is harmless inside a network but
