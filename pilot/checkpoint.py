@@ -10,7 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_FILE = "checkpoint.pt"
+from pilot.errors import CheckpointError
+from pilot.rundir import CHECKPOINT_FILE
+
+# What every checkpoint written by the run loop holds.
+CHECKPOINT_KEYS = ("run_id", "sessions_done", "learner", "evaluator", "history", "rng")
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,7 +56,28 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint in ``run_dir`` (None if there is none). A file that cannot be read, or that
+    is not a run loop's checkpoint, raises :class:`CheckpointError` naming it and the way out."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError... for a torn file
+        raise CheckpointError(_unusable(path, f"the file is truncated or damaged ({_first_line(err)})")) from err
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise CheckpointError(_unusable(path, f"it is not a pilot checkpoint (no {', '.join(missing)})"))
+    return state
+
+
+def _unusable(path: Path, problem: str) -> str:
+    return (
+        f"{path} cannot be used: {problem}, so its run cannot be resumed. Restore the file from a backup, "
+        f"or start again with overwrite=true (deletes the results in {path.parent}), or choose another hydra.run.dir."
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

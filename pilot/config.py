@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import tempfile
@@ -12,12 +11,13 @@ from typing import Any, Iterable, Sequence
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from pilot.errors import ConfigError, PilotError
+from pilot.resources import shipped_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = shipped_dir("configs", "train.yaml")  # top-level configs/ in a checkout, pilot/configs in a wheel
 # Arguments the run loop passes to these config nodes itself (not set in YAML).
 INJECTED_ARGS = {"method": {"backbone", "scenario", "runtime"}, "scenario": {"num_classes"}}
 INSTANTIATED_GROUPS = ("dataset", "scenario", "backbone", "transforms", "runtime", "method")
@@ -109,7 +109,16 @@ def available_options(group: str) -> list[str]:
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast, with a message that says how to fix it, on the mistakes a user can make in YAML or
-    on the command line that Hydra itself lets through."""
+    on the command line that Hydra itself lets through: a missing method or mandatory value, a key
+    that is not a parameter, and a value of the wrong type or out of range (see :mod:`pilot.schema`:
+    the allowed values come from the annotations of the callables the config builds).
+
+    Runs before any model is built or data read. Signatures are read from source, so it imports
+    neither torch nor the learners (only a key that no stand-in lists, or a foreign ``_target_``,
+    makes it import that target).
+    """
+    from pilot import schema  # here, not at the top: importing pilot.config stays cheap
+
     if "method" not in cfg or cfg.method is None:
         raise ConfigError(f"No method chosen. Add +method=NAME, one of: {', '.join(available_options('method'))}")
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -118,30 +127,26 @@ def validate_config(cfg: DictConfig) -> None:
             f"These config values are mandatory and not set: {', '.join(missing)} "
             f"(e.g. {missing[0]}=<value> on the command line)"
         )
-    for group in INSTANTIATED_GROUPS:
-        _check_target_arguments(group, cfg[group])
-    for name, sink in (cfg.get("logger") or {}).items():
-        _check_target_arguments(f"logger.{name}", sink)
+    for key, (annotation, default) in schema.TOP_LEVEL.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            value = _resolved(cfg, key)
+            if not schema.is_valid(annotation, value):
+                raise ConfigError(schema.bad_value_message(key, value, annotation, default))
+    nodes = [(group, _resolved(cfg, group)) for group in INSTANTIATED_GROUPS]
+    nodes += [(f"logger.{name}", _resolved(cfg, f"logger.{name}")) for name in cfg.get("logger") or {}]
+    for path, node in nodes:
+        schema.check_node(path, node, injected=INJECTED_ARGS.get(path, set()))
 
 
-def _check_target_arguments(path: str, node: Any) -> None:
-    """Every key of a ``_target_`` node must be a parameter of the target callable."""
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ConfigError(f"config '{path}' must be a mapping with a _target_ (got {type(node).__name__})")
+_ABSENT = object()
+
+
+def _resolved(cfg: DictConfig, key: str) -> Any:
+    """The value at dotted ``key`` as plain Python data, interpolations resolved."""
     try:
-        target = get_object(node._target_)
-    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
-        raise ConfigError(f"{path}._target_={node._target_} cannot be imported: {err}") from err
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = set(params) - {"self"}
-    unknown = sorted(k for k in node.keys() if not str(k).startswith("_") and k not in allowed)
-    if unknown:
-        settable = sorted(allowed - INJECTED_ARGS.get(path, set()))
-        raise ConfigError(
-            f"{path}.{unknown[0]} is not a parameter of {node._target_}. Its parameters are: {', '.join(settable)}"
-        )
+        return to_plain(OmegaConf.select(cfg, key, throw_on_resolution_failure=True))
+    except Exception as err:  # noqa: BLE001 - OmegaConf raises several kinds; all mean a bad value
+        raise ConfigError(f"{key}: a value cannot be resolved: {err}") from err
 
 
 def ensure_writable_dir(path: Path) -> Path:

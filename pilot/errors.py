@@ -2,12 +2,14 @@
 
 Every error a user can cause by configuration or by the files on their machine is a
 :class:`PilotError`. Its message says what is wrong and how to fix it; the entry point prints
-it without a traceback and exits with status 2.
+it without a traceback and exits with the error's ``exit_code`` (2, except for interruptions).
 """
 
 
 class PilotError(Exception):
     """Base class of the errors that describe a problem with the user's setup."""
+
+    exit_code: int = 2
 
 
 class ConfigError(PilotError):
@@ -28,3 +30,26 @@ class IncompatibleBackboneError(ConfigError):
 
 class ResumeError(PilotError):
     """A run directory that cannot be resumed (no checkpoint, or a different configuration)."""
+
+
+class CheckpointError(ResumeError):
+    """A ``checkpoint.pt`` that cannot be read (truncated, damaged, or not written by pilot)."""
+
+
+class RunDirBusyError(PilotError):
+    """Another pilot run holds the lock of the run directory."""
+
+
+class ResultsExistError(ConfigError):
+    """The run directory already holds results and neither ``resume`` nor ``overwrite`` was asked for."""
+
+
+class RunInterruptedError(PilotError):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM. Finished sessions are on disk; the
+    message says which, and the command that resumes. The exit code is the shell's: 128 + signal."""
+
+    exit_code: int = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

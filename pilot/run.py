@@ -4,7 +4,8 @@
 
 Everything is built from the config with ``hydra.utils.instantiate``; a finished session is on
 disk (CSV rows and a checkpoint) before the next one starts, and ``resume=true`` in the same run
-directory continues after the last finished session.
+directory continues after the last finished session. The run directory is locked while a run
+writes it and is never written over by accident (see :mod:`pilot.rundir`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,18 @@ from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError, ResumeError
 from pilot.eval.evaluator import Evaluator
 from pilot.learners.base import Learner
-from pilot.run_info import make_run_info
+from pilot.run_info import config_hash, make_run_info
+from pilot.rundir import (
+    CHECKPOINT_FILE,
+    RunDirLock,
+    RunProgress,
+    check_start,
+    clear_results,
+    inspect_run_dir,
+    interrupts_as_errors,
+    read_flag,
+    task_overrides,
+)
 from pilot.runtime import Runtime
 from pilot.sinks.base import Sink
 from pilot.sinks.csv import CsvSink
@@ -84,29 +96,45 @@ def build_model(cfg: DictConfig, parts: RunData) -> RunModel:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
-    """Execute one run described by ``cfg`` in ``run_dir``; returns the per-session records."""
+    """Execute one run described by ``cfg`` in ``run_dir``; returns the per-session records.
+
+    The directory is locked for the whole run, and checked before anything is built: earlier
+    results are only continued (``resume=true``) or deleted first (``overwrite=true``). Ctrl-C and
+    SIGTERM end the run with a :class:`RunInterruptedError` that says how to resume it."""
+    resume, overwrite = read_flag(cfg, "resume"), read_flag(cfg, "overwrite")
     run_dir = ensure_writable_dir(Path(run_dir))
+    progress = RunProgress(run_dir, task_overrides())
+    with interrupts_as_errors(progress), RunDirLock(run_dir):
+        check_start(run_dir, inspect_run_dir(run_dir), resume, overwrite)
+        return _run_locked(cfg, run_dir, resume, overwrite, progress)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, progress: RunProgress) -> pd.DataFrame:
+    """The run itself, in a locked directory that :func:`check_start` has accepted."""
+    checkpoint = _checkpoint_to_resume(cfg, run_dir) if resume else None
+    progress.saved = checkpoint["sessions_done"] if checkpoint is not None else 0
     parts = build_data(cfg)
     runtime, scenario = parts.runtime, parts.scenario
     run_info = make_run_info(cfg, scenario.name, scenario.num_sessions)
-    checkpoint = _checkpoint_to_resume(cfg, run_dir, run_info)
-    _save_run_description(run_dir, cfg, parts.data, scenario, run_info)
+    progress.num_sessions = scenario.num_sessions
     model = build_model(cfg, parts)
     learner, pipeline, evaluator = model.learner, model.pipeline, model.evaluator
+    if overwrite:
+        _clear_previous_results(run_dir)
+    _save_run_description(run_dir, cfg, parts.data, scenario, run_info)
 
     history: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     if checkpoint is not None:
-        learner.restore(checkpoint["learner"], checkpoint["sessions_done"])
-        learner.to(runtime.device)
-        evaluator.load_state_dict(checkpoint["evaluator"])
-        history = checkpoint["history"]
-        set_rng_state(checkpoint["rng"])
-        log.info("Resuming %s after session %d of %d", run_dir, checkpoint["sessions_done"] - 1, scenario.num_sessions)
+        history = _restore(model, checkpoint, runtime)
+        log.info(
+            "Resuming %s: sessions 0-%d of %d are done", run_dir, checkpoint["sessions_done"] - 1, scenario.num_sessions
+        )
 
     sinks = _open_sinks(cfg, run_dir, run_info, history)
     try:
         _log_start(run_info, scenario, learner, runtime, len(history))
         for info in scenario.sessions[len(history) :]:
+            progress.current = info.index
             record, matrix_rows = _run_session(learner, pipeline, evaluator, info, runtime, history)
             history.append((record, matrix_rows))
             for sink in sinks:
@@ -122,10 +150,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
                     "rng": rng_state(),
                 },
             )
+            progress.saved = info.index + 1
             log.info(_session_line(record, scenario.num_sessions))
             stop = cfg.debug.stop_after_session
             if stop is not None and info.index == stop and info.index + 1 < scenario.num_sessions:
                 raise RunInterrupted(f"debug.stop_after_session={stop}: stopped after session {stop}")
+        progress.current = None
     finally:
         summary = _final_summary(history)
         for sink in sinks:
@@ -185,25 +215,36 @@ def evaluate(learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, inf
     return evaluator.end_session()
 
 
-def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any]) -> dict[str, Any] | None:
+def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The checkpoint that ``resume=true`` continues (:func:`check_start` has seen that it exists),
+    refused if it is unreadable or was written by another configuration."""
     checkpoint = load_checkpoint(run_dir)
-    if not cfg.resume:
-        if checkpoint is not None:
-            raise ConfigError(
-                f"{run_dir} already holds a run with {checkpoint['sessions_done']} finished sessions. "
-                "Pass resume=true to continue it, or choose another hydra.run.dir."
-            )
-        return None
-    if checkpoint is None:
-        log.warning("resume=true but %s has no checkpoint: starting from the first session", run_dir)
-        return None
-    if checkpoint["run_id"] != run_info["run_id"]:
+    if checkpoint is None:  # deleted since the check
+        raise ResumeError(f"Nothing to resume in {run_dir}: no {CHECKPOINT_FILE}; run without resume=true.")
+    run_id = config_hash(cfg)
+    if checkpoint["run_id"] != run_id:
         raise ResumeError(
             f"The checkpoint in {run_dir} belongs to another configuration (run_id "
-            f"{checkpoint['run_id']}, now {run_info['run_id']}). Resume with the same overrides "
+            f"{checkpoint['run_id']}, now {run_id}). Resume with the same overrides "
             f"as the original run; {run_dir / 'config.yaml'} holds them."
         )
     return checkpoint
+
+
+def _restore(model: RunModel, checkpoint: dict[str, Any], runtime: Runtime) -> list:
+    """Put the learner, the evaluator and the RNGs back as they were; returns the finished sessions."""
+    model.learner.restore(checkpoint["learner"], checkpoint["sessions_done"])
+    model.learner.to(runtime.device)
+    model.evaluator.load_state_dict(checkpoint["evaluator"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["history"]
+
+
+def _clear_previous_results(run_dir: Path) -> None:
+    """``overwrite=true``: delete the earlier run's files, once the new run has been built."""
+    removed = clear_results(run_dir)
+    if removed:
+        log.warning("overwrite=true: deleted %s from %s", ", ".join(removed), run_dir)
 
 
 def _save_run_description(
@@ -280,7 +321,7 @@ def _log_start(run_info: dict[str, Any], scenario: Scenario, learner: Learner, r
         run_info["run_id"],
     )
     if done:
-        log.info("%d session(s) already finished; continuing with session %d", done, done + 1)
+        log.info("%d session(s) already finished; continuing with session %d", done, done)
 
 
 def _synchronize(runtime: Runtime) -> None:

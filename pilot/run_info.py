@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 # Keys that change where or how results are written, not what is computed.
-NON_SEMANTIC_KEYS = ("paths", "logger", "resume", "debug", "labels", "hydra")
+NON_SEMANTIC_KEYS = ("paths", "logger", "resume", "overwrite", "debug", "labels", "hydra")
 # Runtime settings that change results; the others (workers, progress bars...) only change speed.
 SEMANTIC_RUNTIME_KEYS = ("precision", "tf32")
 

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pilot.errors import ConfigError
+from pilot.schema import Device, NonNegativeInt, PositiveInt, Precision
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,13 +64,23 @@ class Runtime:
     def progress_bar(
         self, iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False
     ) -> Iterator[T]:
+        """``iterable`` with a tqdm bar on stderr, shown only when ``progress`` is on and someone watches:
+        stderr is a terminal (or tqdm draws notebook widgets). In a log file (SLURM, ``> log 2>&1``,
+        pytest) every refresh would stay as text, so there the bar is off; the run's one line per
+        session (``pilot.run``) still reports progress."""
+        stream = sys.stderr
+        try:
+            interactive = bool(stream.isatty())
+        except (AttributeError, ValueError):  # no isatty, or a closed stream
+            interactive = False
+        interactive = interactive or any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
         return tqdm(
             iterable,
             desc=desc,
             total=total,
             leave=leave,
-            disable=not self.progress,
-            file=sys.stderr,
+            disable=not (self.progress and interactive),
+            file=stream,
             dynamic_ncols=True,
             mininterval=0.5,
         )
@@ -86,15 +97,15 @@ class Runtime:
 
 
 def make_runtime(
-    device: str = "auto",
-    precision: str = "bf16",
+    device: Device = "auto",
+    precision: Precision = "bf16",
     tf32: bool = True,
-    num_workers: int = 8,
+    num_workers: NonNegativeInt = 8,
     data_on_device: bool = True,
     channels_last: bool = True,
     progress: bool = True,
-    cpu_threads: int | None = None,
-    cpu_inference_chunk: int | None = 32,
+    cpu_threads: PositiveInt | None = None,
+    cpu_inference_chunk: PositiveInt | None = 32,
 ) -> Runtime:
     """Build a :class:`Runtime` from the ``runtime`` config; ``device=auto`` picks CUDA when present."""
     if precision not in ("bf16", "fp32"):

@@ -1,20 +1,40 @@
-"""Entry point: ``python -m pilot.train +method=NAME [group=option ...] [key=value ...]``.
+"""Entry point: ``python -m pilot.train +method=NAME [group=option ...] [key=value ...]``, or the
+``pilot-train`` console script with the same arguments.
 
-Composes ``configs/train.yaml`` with Hydra and calls :func:`pilot.run.run` in the run directory.
-A :class:`PilotError` (bad input) is printed as one clear message and exits with status 2.
+Composes ``configs/train.yaml`` with Hydra, checks the composed config, and only then imports the
+run loop (:func:`pilot.run.run`, which loads torch) and runs it in the run directory. ``--help`` and
+configuration mistakes are therefore answered without waiting for torch. A :class:`PilotError`
+(bad input, or an interruption) ends the process with one line ``ErrorClass: message`` on stderr
+and the error's ``exit_code`` (2 unless the error says otherwise); ``HYDRA_FULL_ERROR=1`` adds the
+traceback.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
+import os
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+# Before torch (imported later, by pilot.run) loads OpenMP: idle OpenMP threads sleep instead of
+# spinning, which on a small, busy CPU machine otherwise slows small tensor operations badly.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pilot.config import CONFIG_DIR, apply_method_presets, available_options, cfg_choice, register_resolvers
-from pilot.errors import PilotError
+import logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pilot.config import (  # noqa: E402
+    CONFIG_DIR,
+    apply_method_presets,
+    available_options,
+    cfg_choice,
+    register_resolvers,
+    validate_config,
+)
+from pilot.errors import PilotError  # noqa: E402
 
 log = logging.getLogger("pilot")
 register_resolvers()
@@ -22,15 +42,39 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from pilot.run import run  # imported here so that `--help` and config errors stay fast
-
-    apply_method_presets(cfg, cfg_choice("method"), HydraConfig.get().overrides.task)
     try:
+        apply_method_presets(cfg, cfg_choice("method"), HydraConfig.get().overrides.task)
+        validate_config(cfg)
+        from pilot.run import run  # only now: importing it loads torch, timm and the learners
+
         table = run(cfg, HydraConfig.get().runtime.output_dir)
     except PilotError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        sys.exit(2)
+        exit_on_error(err)
     return float(table["acc"].iloc[-1]) if len(table) else None
+
+
+def exit_on_error(err: PilotError) -> NoReturn:
+    """Report ``err`` as one line on stderr (and in the run's log file, if Hydra opened one) and exit
+    with its ``exit_code``. The line is printed directly, so it appears even where logging is not set
+    up; with ``HYDRA_FULL_ERROR=1`` the traceback comes first."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        traceback.print_exception(err)
+    line = f"{type(err).__name__}: {err}"
+    _write_to_log_files(line)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(getattr(err, "exit_code", 2))
+
+
+def _write_to_log_files(line: str) -> None:
+    """Hand ``line`` to the file handlers that ``log`` reaches (Hydra's ``train.log``), not to the console
+    ones: the console gets it once, on stderr, from :func:`exit_on_error`."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (line,), None)
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        logger = logger.parent if logger.propagate else None
 
 
 def _require_method(argv: list[str]) -> None:
@@ -45,6 +89,17 @@ def _require_method(argv: list[str]) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    _require_method(sys.argv[1:])
+def cli() -> None:
+    """``pilot-train`` and ``python -m pilot.train``: check for a method, then hand the arguments to Hydra."""
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:  # Hydra's help lists the groups; first say how a run is started
+        print(
+            "usage: pilot-train +method=NAME [group=option ...] [key=value ...]  (same as python -m pilot.train)\n"
+            f"  +method: {', '.join(available_options('method'))}\n"
+        )
+    _require_method(argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

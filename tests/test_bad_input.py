@@ -20,7 +20,7 @@ def test_unknown_dataset_root(tmp_path, fast):
     "override, message",
     [
         ("scenario.init_cls=20", "init_cls=20 exceeds the 10 classes"),
-        ("scenario.increment=0", "must both be >= 1"),
+        ("scenario.increment=0", "scenario.increment=0 is not allowed: it must be an integer >= 1"),
     ],
 )
 def test_split_that_does_not_fit_the_classes(tmp_path, fast, override, message):

@@ -20,7 +20,7 @@ from pilot.backbones.backbone import Backbone
 from pilot.checkpoint import seed_everything
 from pilot.data.pipeline import TEST, Batch, DataPipeline
 from pilot.data.scenario import make_scenario
-from pilot.errors import IncompatibleBackboneError
+from pilot.errors import ConfigError, IncompatibleBackboneError
 from pilot.learners.coda import CodaPrompt
 from pilot.learners.dualprompt import DualPrompt
 from pilot.learners.l2p import L2P
@@ -198,9 +198,12 @@ def test_dualprompt_copies_the_previous_e_prompt_and_forces_the_task_prompt(capl
     batch = Batch(torch.rand(4, 3, 32, 32), lambda x: x, torch.tensor([2, 3, 2, 3]), torch.arange(4), "train", True, 4)
     learner.loss(batch)
     assert used[0].indices.tolist() == [[1]] * 4
-    # A pool smaller than the number of sessions: a warning that says what happens.
+    # A pool smaller than the number of sessions: refused, unless the reference's fallback is asked for,
+    # which then warns and says what happens.
+    with pytest.raises(ConfigError, match="allow_short_pool=true"):
+        DualPrompt(_tiny_backbone(), make_scenario(12, 1, 1), CPU, optimizer=ADAM)
     with caplog.at_level(logging.WARNING):
-        small = DualPrompt(_tiny_backbone(), make_scenario(12, 1, 1), CPU, optimizer=ADAM)
+        small = DualPrompt(_tiny_backbone(), make_scenario(12, 1, 1), CPU, optimizer=ADAM, allow_short_pool=True)
     assert "task slots for 10 sessions, but the scenario has 12" in caplog.text and "key matching" in caplog.text
     assert small.task_slots(9) == slice(9, 10) and small.task_slots(10) is None  # session 10: no forced prompt
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -54,12 +55,14 @@ def test_offline_wandb_receives_config_and_session_scalars(tmp_path, fast):
     sessions = pd.read_csv(run_dir / "sessions.csv")
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1 and files[0].name == f"run-{(run_dir / 'wandb_id.txt').read_text()}.wandb"
-    records = read_wandb_records(files[0])
-
-    history = []
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            history.append(_items(r.history.item))
+    # wandb's service process may still be flushing the offline file when finish() returns: poll.
+    deadline = time.monotonic() + 20
+    while True:
+        records = read_wandb_records(files[0])
+        history = [_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+        if len(history) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [h["_step"] for h in history] == [0, 1]
     for row, logged in zip(sessions.itertuples(), history):
         assert logged["acc"] == pytest.approx(row.acc, abs=1e-4)

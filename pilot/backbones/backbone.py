@@ -44,6 +44,12 @@ class Backbone(nn.Module):
         return isinstance(self.model, VisionTransformer)
 
     @property
+    def depth(self) -> int | None:
+        """Number of transformer blocks of a ViT (the valid prompt/adapter layers are ``0..depth-1``);
+        None for other models."""
+        return len(self.model.blocks) if self.is_vit else None
+
+    @property
     def vit(self) -> VisionTransformer:
         if not self.is_vit:
             raise TypeError(f"backbone {self.name} is not a timm VisionTransformer")

@@ -10,14 +10,16 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from pilot.data.images import ArrayImages, ClassificationData, FileImages
-from pilot.errors import DatasetError
+from pilot.data.images import VERIFY_MODES, ArrayImages, ClassificationData, FileImages, verify_files
+from pilot.errors import ConfigError, DatasetError
 from pilot.net import host_reachable
+from pilot.schema import ClassCount, NonEmptyStr, NonNegativeFloat, PositiveInt, Seed
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 FASHION_MNIST_CLASSES = [
@@ -39,7 +41,7 @@ FASHION_MNIST_FILES = {
 
 
 # --------------------------------------------------------------------------------------- CIFAR-100
-def cifar100(root: str, download: bool = True) -> ClassificationData:
+def cifar100(root: NonEmptyStr, download: bool = True) -> ClassificationData:
     """CIFAR-100 through torchvision (50,000 / 10,000 images of 32x32, 100 classes)."""
     from torchvision.datasets import CIFAR100
 
@@ -93,8 +95,8 @@ def _idx_path(folder: Path, name: str) -> Path:
 
 
 def fashion_mnist(
-    root: str,
-    variant: str = "auto",
+    root: NonEmptyStr,
+    variant: Literal["auto", "embedded", "full"] = "auto",
     system_root: str = "/usr/share/datasets/fashion-mnist",
     download: bool = False,
 ) -> ClassificationData:
@@ -168,11 +170,19 @@ def _list_class_folders(split_dir: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def image_folder(root: str, name: str = "image_folder", how_to_get: str = "") -> ClassificationData:
+def image_folder(
+    root: NonEmptyStr,
+    name: NonEmptyStr = "image_folder",
+    how_to_get: str = "",
+    verify_images: Literal["fast", "full", "off"] = "fast",
+) -> ClassificationData:
     """A dataset laid out as ``root/train/<class>/<image>`` and ``root/test/<class>/<image>``.
 
     Class labels follow the alphabetical order of the class folder names (torchvision's
     ``ImageFolder`` convention, which the reference toolbox's ImageNet-R class order relies on).
+    Every class folder of train/ needs a non-empty folder of the same name in test/ and the other
+    way round. ``verify_images`` (``fast``, ``full`` or ``off``) says how thoroughly the image files
+    are checked before the run starts (:func:`pilot.data.images.verify_files`).
     """
     root_path = Path(root).expanduser()
     hint = f" {how_to_get}" if how_to_get else ""
@@ -180,6 +190,8 @@ def image_folder(root: str, name: str = "image_folder", how_to_get: str = "") ->
         raise DatasetError(
             f"Dataset root {root_path} does not exist. Set dataset.root=<folder with train/ and test/>.{hint}"
         )
+    if verify_images not in VERIFY_MODES:
+        raise ConfigError(f"dataset.verify_images={verify_images!r} is not one of {', '.join(VERIFY_MODES)}")
     splits: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "test"):
         split_dir = root_path / split
@@ -191,40 +203,66 @@ def image_folder(root: str, name: str = "image_folder", how_to_get: str = "") ->
         splits[split] = _list_class_folders(split_dir)
         if not splits[split]:
             raise DatasetError(f"{split_dir} holds no class folders.{hint}")
-        empty = [c for c, files in splits[split].items() if not files]
-        if empty and split == "train":
-            raise DatasetError(
-                f"Class folder {split_dir / empty[0]} holds no images (extensions {', '.join(IMG_EXTENSIONS)}); "
-                f"{len(empty)} class folder(s) are empty in {split_dir}."
-            )
+        _refuse_empty_class_folders(split_dir, splits[split])
     class_names = sorted(splits["train"])
-    unknown = sorted(set(splits["test"]) - set(class_names))
-    if unknown:
-        raise DatasetError(f"{root_path / 'test'} has class folders missing from train/: {unknown[:5]}")
+    _refuse_unmatched_classes(root_path, set(splits["train"]), set(splits["test"]))
     label_of = {c: i for i, c in enumerate(class_names)}
 
     def files_of(split: str) -> FileImages:
-        paths = [p for c in class_names for p in splits[split].get(c, [])]
-        labels = [label_of[c] for c in class_names for _ in splits[split].get(c, [])]
+        paths = [p for c in class_names for p in splits[split][c]]
+        labels = [label_of[c] for c in class_names for _ in splits[split][c]]
         return FileImages(paths, np.asarray(labels), root_path / split)
 
-    return ClassificationData(name, class_names, files_of("train"), files_of("test"))
+    data = ClassificationData(name, class_names, files_of("train"), files_of("test"))
+    verify_files(data, verify_images)
+    return data
+
+
+def _refuse_empty_class_folders(split_dir: Path, classes: dict[str, list[Path]]) -> None:
+    empty = [c for c, files in classes.items() if not files]
+    if empty:
+        raise DatasetError(
+            f"Class folder {split_dir / empty[0]} holds no images (extensions {', '.join(IMG_EXTENSIONS)}); "
+            f"{len(empty)} class folder(s) are empty in {split_dir}: {empty[:5]}. Add images or remove the "
+            "class from both train/ and test/."
+        )
+
+
+def _refuse_unmatched_classes(root: Path, train: set[str], test: set[str]) -> None:
+    """train/ and test/ must hold the same class folders: a class without test images could not be
+    scored, test images of a class never trained could not be predicted."""
+    no_test = sorted(train - test)
+    if no_test:
+        raise DatasetError(
+            f"Class {no_test[0]!r} has training images in {root / 'train' / no_test[0]} but no test folder "
+            f"{root / 'test' / no_test[0]}; {len(no_test)} class(es) of train/ are missing from test/: "
+            f"{no_test[:5]}. Add their test images or remove them from train/."
+        )
+    unknown = sorted(test - train)
+    if unknown:
+        raise DatasetError(
+            f"{root / 'test'} has class folders missing from train/: {unknown[:5]} ({len(unknown)} in all); "
+            f"e.g. {root / 'train' / unknown[0]} does not exist. Add their training images or remove them from test/."
+        )
 
 
 # ------------------------------------------------------------------------------------- synthetic
 def synthetic(
-    num_classes: int = 10,
-    train_per_class: int = 16,
-    test_per_class: int = 8,
-    image_size: int = 32,
-    noise: float = 40.0,
-    seed: int = 0,
+    num_classes: ClassCount = 10,
+    train_per_class: PositiveInt = 16,
+    test_per_class: PositiveInt = 8,
+    image_size: PositiveInt = 32,
+    noise: NonNegativeFloat = 40.0,
+    seed: Seed = 0,
 ) -> ClassificationData:
     """Class-conditional random images for tests: each class is a fixed coarse colour pattern
     (a 4x4 grid upsampled to ``image_size``) plus per-sample Gaussian pixel noise.
 
     Classes are separable, so a learner that works scores above chance even with a random backbone.
     """
+    _require_positive(
+        num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class, image_size=image_size
+    )
     gen = torch.Generator().manual_seed(seed)
     patterns = torch.rand(num_classes, 3, 4, 4, generator=gen) * 255
     patterns = torch.nn.functional.interpolate(patterns, size=image_size, mode="nearest")
@@ -236,3 +274,11 @@ def synthetic(
 
     train, test = make(train_per_class), make(test_per_class)
     return ClassificationData("synthetic", [f"class_{i:03d}" for i in range(num_classes)], train, test)
+
+
+def _require_positive(**values: int) -> None:
+    """Refuse a size or count below 1 in the dataset config, naming the key."""
+    for key, value in values.items():
+        if int(value) < 1:
+            why = " (every class needs training and test images)" if key.endswith("per_class") else ""
+            raise ConfigError(f"dataset.{key}={value} must be >= 1{why}; set dataset.{key}=<a positive number>.")

@@ -8,13 +8,18 @@ that class ``order[i]`` becomes label ``i``; session ``t`` then holds the contig
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from pilot.errors import ConfigError
+from pilot.schema import ClassOrder, PositiveInt, Seed
+
+log = logging.getLogger(__name__)
 
 
 def make_class_order(num_classes: int, order: str | Sequence[int], seed: int) -> list[int]:
@@ -31,21 +36,55 @@ def make_class_order(num_classes: int, order: str | Sequence[int], seed: int) ->
         if order == "natural":
             return list(range(num_classes))
         raise ConfigError(f"scenario.class_order={order!r} is not 'shuffle', 'natural' or a list of class ids")
-    explicit = [int(c) for c in order]
-    if sorted(explicit) != list(range(num_classes)):
-        missing = sorted(set(range(num_classes)) - set(explicit))[:5]
+    if not isinstance(order, Iterable):
         raise ConfigError(
-            f"scenario.class_order must list each of the {num_classes} class ids exactly once; "
-            f"got {len(explicit)} ids (missing e.g. {missing}, duplicates or out-of-range ids otherwise)"
+            f"scenario.class_order={order!r} is not 'shuffle', 'natural' or a list of class ids "
+            f"(a permutation of 0..{num_classes - 1})"
         )
-    return explicit
+    return _checked_permutation(num_classes, list(order))
+
+
+def _checked_permutation(num_classes: int, order: list[Any]) -> list[int]:
+    """``order`` as ints, after checking it lists each class id ``0..num_classes-1`` exactly once."""
+    for position, c in enumerate(order):
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise ConfigError(
+                f"scenario.class_order[{position}]={c!r} is not a class id; the list must hold integers "
+                f"0..{num_classes - 1}"
+            )
+    ids = [int(c) for c in order]
+    counts = Counter(ids)
+    problems = []
+    outside = sorted(c for c in counts if not 0 <= c < num_classes)
+    if outside:
+        problems.append(f"ids outside 0..{num_classes - 1}: {_few(outside)}")
+    repeated = sorted(c for c, n in counts.items() if n > 1)
+    if repeated:
+        problems.append(f"ids listed more than once: {_few(repeated)}")
+    missing = sorted(set(range(num_classes)) - set(counts))
+    if missing:
+        problems.append(f"ids missing: {_few(missing)}")
+    if problems:
+        raise ConfigError(
+            f"scenario.class_order must list each of the {num_classes} class ids 0..{num_classes - 1} exactly once; "
+            f"got {len(ids)} ids with {'; '.join(problems)}. Fix the list, or use scenario.class_order=shuffle "
+            "or natural."
+        )
+    return ids
+
+
+def _few(ids: list[int], shown: int = 10) -> str:
+    return str(ids[:shown])[:-1] + (f", ... ({len(ids)} in all)]" if len(ids) > shown else "]")
 
 
 def make_session_sizes(num_classes: int, init_cls: int, increment: int) -> list[int]:
     """``[init_cls]``, then ``increment`` while the running sum plus one more increment stays below
     ``num_classes``, then one final session with the remainder (docs/methods.md §0.2)."""
     if init_cls < 1 or increment < 1:
-        raise ConfigError(f"scenario.init_cls={init_cls} and scenario.increment={increment} must both be >= 1")
+        hint = ""
+        if init_cls == 0 and increment >= 1:
+            hint = f" (B0Inc{increment} means a first session of {increment} classes: scenario.init_cls={increment})"
+        raise ConfigError(f"scenario.init_cls={init_cls} and scenario.increment={increment} must both be >= 1{hint}")
     if init_cls > num_classes:
         raise ConfigError(
             f"scenario.init_cls={init_cls} exceeds the {num_classes} classes of the dataset; "
@@ -56,7 +95,30 @@ def make_session_sizes(num_classes: int, init_cls: int, increment: int) -> list[
         sizes.append(increment)
     if sum(sizes) < num_classes:
         sizes.append(num_classes - sum(sizes))
+    _warn_about_unusual_split(num_classes, init_cls, increment, sizes)
     return sizes
+
+
+def _warn_about_unusual_split(num_classes: int, init_cls: int, increment: int, sizes: list[int]) -> None:
+    """Splits the reference protocol accepts but that are rarely meant: say what they become."""
+    if len(sizes) == 1:
+        log.warning(
+            "scenario.init_cls=%d covers all %d classes: one session, no incremental step (joint training). "
+            "Choose init_cls < %d for a class-incremental run.",
+            init_cls,
+            num_classes,
+            num_classes,
+        )
+    elif increment > num_classes - init_cls:
+        log.warning(
+            "scenario.increment=%d is larger than the %d classes left after init_cls=%d: the only incremental "
+            "session has %d classes (sessions %s).",
+            increment,
+            num_classes - init_cls,
+            init_cls,
+            sizes[-1],
+            sizes,
+        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +144,13 @@ class Scenario:
 
     class_order: tuple[int, ...]
     sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1 or sum(self.sizes) != len(self.class_order):
+            raise ConfigError(
+                f"session sizes {list(self.sizes)} must be >= 1 each and add up to the {len(self.class_order)} "
+                "classes of the class order"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -118,10 +187,10 @@ class Scenario:
 
 def make_scenario(
     num_classes: int,
-    init_cls: int,
-    increment: int,
-    class_order: str | Sequence[int] = "shuffle",
-    order_seed: int = 1993,
+    init_cls: PositiveInt,
+    increment: PositiveInt,
+    class_order: ClassOrder = "shuffle",
+    order_seed: Seed = 1993,
 ) -> Scenario:
     """Build a :class:`Scenario` from the ``scenario`` config group (``num_classes`` from the dataset)."""
     order = make_class_order(num_classes, class_order, order_seed)

@@ -5,7 +5,11 @@ the runtime passed in::
 
     learner = instantiate(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
 
-and implements a few hooks, called in this order for every session:
+Before its ``__init__`` runs, the classmethod ``check_requirements(backbone, scenario, params)``
+sees every constructor argument and refuses, with a :class:`ConfigError` naming the ``method.*``
+key, what the learner cannot run (a CNN for a prompt learner, prompt layers beyond the ViT's depth,
+a prompt pool too small for the scenario...). The learner then implements a few hooks, called in
+this order for every session:
 
 ``begin_session(info)``
     grow the structure for the new classes (classifier rows, a new head, a new adapter set, a
@@ -26,8 +30,9 @@ registered on the learner, not inside ``self.backbone``.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping
+import inspect
+from abc import ABC, ABCMeta, abstractmethod
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -35,13 +40,41 @@ from torch import nn
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
-from pilot.errors import IncompatibleBackboneError
+from pilot.errors import ConfigError, IncompatibleBackboneError
 from pilot.runtime import Runtime
 
 BACKBONE_PREFIX = "backbone."
 
 
-class Learner(nn.Module, ABC):
+class CheckedConstruction(ABCMeta):
+    """Metaclass of :class:`Learner`: ``LearnerClass(...)`` first binds the arguments to the
+    learner's ``__init__`` signature (defaults filled in) and passes them to
+    :meth:`Learner.check_requirements`, so a configuration the learner cannot run stops with a
+    :class:`ConfigError` before the learner allocates anything (and long before training)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        params = _bind(cls, args, kwargs)
+        if params is not None:
+            cls.check_requirements(params["backbone"], params["scenario"], params)
+        return super().__call__(*args, **kwargs)
+
+
+def _bind(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``__init__``'s arguments by name, or None when they do not bind (``__init__`` then raises its
+    own TypeError) or do not hold a real backbone and scenario."""
+    try:
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    params.pop(next(iter(params)))  # self
+    if not isinstance(params.get("backbone"), Backbone) or not isinstance(params.get("scenario"), Scenario):
+        return None
+    return params
+
+
+class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
     """Base class of every method. Subclasses set ``requires_vit`` when they hook into ViT blocks."""
 
     requires_vit: ClassVar[bool] = False
@@ -49,18 +82,25 @@ class Learner(nn.Module, ABC):
 
     def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime) -> None:
         super().__init__()
-        if self.requires_vit and not backbone.is_vit:
-            raise IncompatibleBackboneError(
-                f"{type(self).__name__} works on a timm VisionTransformer (it prompts or adapts the "
-                f"transformer blocks), but backbone {backbone.name} is a timm {type(backbone.model).__name__}. "
-                "Choose a ViT backbone, e.g. backbone=vit_b16_in1k."
-            )
         self.backbone = backbone
         self.scenario = scenario
         self.runtime = runtime
         self.known = 0  # classes learned before the current session
         self.total = 0  # classes seen once the current session is learned
         self.trainable_parameters = 0  # counted when the last session's training started
+
+    # ----------------------------------------------------------------------- requirements
+    @classmethod
+    def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+        """Refuse a backbone, scenario or method setting this learner cannot run, before construction.
+
+        ``params``: every ``__init__`` argument by name (the ``method.*`` config values, defaults
+        filled in). Runs the checks that apply to any learner (:func:`check_backbone_family`,
+        :func:`check_block_indices`, :func:`check_top_k`). A learner with requirements of its own
+        overrides this classmethod, calls ``super()`` first and adds its checks.
+        """
+        for requirement in (check_backbone_family, check_block_indices, check_top_k):
+            requirement(cls, backbone, scenario, params)
 
     # ------------------------------------------------------------------------------ hooks
     def begin_session(self, info: SessionInfo) -> None:
@@ -112,3 +152,56 @@ class Learner(nn.Module, ABC):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# --------------------------------------------------------------------------------- requirements
+def check_backbone_family(cls: type, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+    """A learner with ``requires_vit`` (it prompts or adapts transformer blocks) refuses other models."""
+    if getattr(cls, "requires_vit", False) and not backbone.is_vit:
+        raise IncompatibleBackboneError(
+            f"{cls.__name__} works on a timm VisionTransformer (it prompts or adapts the "
+            f"transformer blocks), but backbone {backbone.name} is a timm {type(backbone.model).__name__}. "
+            "Choose a ViT backbone, e.g. backbone=vit_b16_in1k."
+        )
+
+
+def check_block_indices(cls: type, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+    """Every ``method.*_layers`` list (prompt layers...) names distinct blocks ``0..depth-1`` of the ViT."""
+    depth = backbone.depth
+    if depth is None:
+        return
+    for key, value in params.items():
+        layers = _int_list(value) if key.endswith("_layers") else None
+        if layers is None:
+            continue
+        outside = [i for i in layers if not 0 <= i < depth]
+        if outside:
+            raise IncompatibleBackboneError(
+                f"method.{key}={layers} names block(s) {outside}, but backbone {backbone.name} has {depth} "
+                f"transformer blocks (0..{depth - 1}). Choose layers within 0..{depth - 1}."
+            )
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        if repeated:
+            raise ConfigError(f"method.{key}={layers} lists block(s) {repeated} more than once; list each block once.")
+
+
+def check_top_k(cls: type, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+    """A learner that selects ``top_k`` prompts from a pool of ``pool_size`` needs ``1 <= top_k <= pool_size``."""
+    if params.get("top_k") is None or params.get("pool_size") is None:
+        return
+    top_k, pool_size = int(params["top_k"]), int(params["pool_size"])
+    if not 1 <= top_k <= pool_size:
+        raise ConfigError(
+            f"method.top_k={top_k} must be between 1 and method.pool_size={pool_size}: every sample selects "
+            "top_k different prompts of the pool. Lower method.top_k or raise method.pool_size."
+        )
+
+
+def _int_list(value: Any) -> list[int] | None:
+    """``value`` as a list of ints when it is a sequence of integers (a layer list), else None."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return None
+    items = list(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        return None
+    return [int(i) for i in items]

@@ -20,7 +20,7 @@ Class order: the reference runs CODA on the natural class order with seed 0 (doc
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from pilot.backbones.backbone import Backbone
 from pilot.backbones.prompting import Prefix, PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
+from pilot.errors import ConfigError
 from pilot.learners.base import Learner
 from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
 from pilot.modules.classifiers import linear_head
@@ -36,6 +37,7 @@ from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompts import CodaPromptPool
 from pilot.runtime import Runtime
+from pilot.schema import EvenPositiveInt, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,24 @@ class CodaPrompt(Learner):
 
     requires_vit = True
 
+    @classmethod
+    def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+        """Besides the common checks: the component pool is split evenly over the sessions (at least
+        one each), and a prompt's rows are halved into key and value prefixes (an even length)."""
+        super().check_requirements(backbone, scenario, params)
+        pool_size, length, sessions = int(params["pool_size"]), int(params["prompt_length"]), scenario.num_sessions
+        if pool_size < sessions:
+            raise ConfigError(
+                f"method.pool_size={pool_size} prompt components cannot give one to each of the {sessions} sessions "
+                f"of scenario {scenario.name} (each session owns pool_size // sessions = {pool_size // sessions}). "
+                f"Raise method.pool_size to >= {sessions}, ideally a multiple of {sessions}."
+            )
+        if length < 2 or length % 2:
+            raise ConfigError(
+                f"method.prompt_length={length} must be even and >= 2: the first half of a prompt's rows are key "
+                "prefixes, the second half value prefixes."
+            )
+
     def __init__(
         self,
         backbone: Backbone,
@@ -52,14 +72,14 @@ class CodaPrompt(Learner):
         runtime: Runtime,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None,
-        epochs: int = 20,
-        batch_size: int = 128,
-        eval_batch_size: int = 256,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
         drop_last: bool = True,
-        pool_size: int = 100,
-        prompt_length: int = 8,
-        prompt_layers: Sequence[int] = (0, 1, 2, 3, 4),
-        ortho_mu: float = 0.0,
+        pool_size: PositiveInt = 100,
+        prompt_length: EvenPositiveInt = 8,
+        prompt_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4),
+        ortho_mu: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.layers = [int(i) for i in prompt_layers]

@@ -11,7 +11,8 @@ Learning", ECCV 2022), as LAMDA-PILOT runs it (docs/methods.md §2).
     predict: i = argmax_i cos(q, k_i), batch-wise majority vote if enabled; logits over seen classes.
 
 If the pool is smaller than ``sessions x top_k``, the reference silently stops forcing (and copying)
-E-prompts for the sessions beyond it; we do the same and say so at construction.
+E-prompts for the sessions beyond it. We refuse that at construction (:meth:`DualPrompt.check_requirements`)
+unless ``allow_short_pool=true``, which reproduces the fallback with a warning.
 
 ``reference_prefix_layout`` (default off): E-prefixes laid out as LAMDA-PILOT lays them out, which
 mixes the key and value prefixes of neighbouring samples of a batch (:func:`reference_e_layout`,
@@ -21,7 +22,7 @@ docs/methods.md §2.1); off gives the paper's separate key and value prefixes pe
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompts import PromptPool
 from pilot.runtime import Runtime
+from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +82,23 @@ class DualPrompt(PromptPoolLearner):
         runtime: Runtime,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
-        epochs: int = 5,
-        batch_size: int = 24,
-        eval_batch_size: int = 504,
-        vote_batch_size: int = 24,
-        g_prompt_length: int = 5,
-        g_prompt_layers: Sequence[int] = (0, 1),
-        e_prompt_length: int = 5,
-        e_prompt_layers: Sequence[int] = (2, 3, 4),
-        pool_size: int = 10,
-        top_k: int = 1,
+        epochs: PositiveInt = 5,
+        batch_size: PositiveInt = 24,
+        eval_batch_size: PositiveInt = 504,
+        vote_batch_size: PositiveInt = 24,
+        g_prompt_length: PositiveInt = 5,
+        g_prompt_layers: Sequence[NonNegativeInt] = (0, 1),
+        e_prompt_length: PositiveInt = 5,
+        e_prompt_layers: Sequence[NonNegativeInt] = (2, 3, 4),
+        pool_size: PositiveInt = 10,
+        top_k: PositiveInt = 1,
         batchwise_prompt: bool = True,
         batchwise_prompt_eval: bool = True,
         task_forced_prompt: bool = True,
         copy_previous_prompt: bool = True,
-        pull_coeff: float = 0.1,
+        pull_coeff: NonNegativeFloat = 0.1,
         reference_prefix_layout: bool = False,
+        allow_short_pool: bool = False,
     ) -> None:
         g_layers, e_layers = [int(i) for i in g_prompt_layers], [int(i) for i in e_prompt_layers]
         if set(g_layers) & set(e_layers):
@@ -134,15 +137,37 @@ class DualPrompt(PromptPoolLearner):
             log.warning(
                 "DualPrompt: the E-prompt pool (%d prompts, top_k %d) has task slots for %d sessions, but the scenario "
                 "has %d. As in the reference, sessions %d-%d train without a task-forced E-prompt (selection by key "
-                "matching instead) and without copying the previous prompt; raise method.pool_size to >= %d to keep "
-                "one prompt per task.",
+                "matching instead) and without copying the previous prompt.",
                 self.e_pool.pool_size,
                 self.top_k,
                 covered,
                 scenario.num_sessions,
                 covered,
                 scenario.num_sessions - 1,
-                scenario.num_sessions * self.top_k,
+            )
+
+    @classmethod
+    def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+        """Besides the common checks: with task-forced E-prompts the pool needs one slot of ``top_k``
+        prompts per session (session ``t`` trains prompts ``[t * top_k, (t + 1) * top_k)``).
+
+        With a shorter pool the reference silently trains the later sessions on whichever prompts
+        the keys select, a different method whose numbers are not comparable; a too-small pool is
+        almost always an oversight when moving to a longer scenario, so it is refused unless
+        ``allow_short_pool=true`` (the reference's fallback, with a warning).
+        """
+        super().check_requirements(backbone, scenario, params)
+        if not params["task_forced_prompt"] or params["allow_short_pool"]:
+            return
+        pool_size, top_k, sessions = int(params["pool_size"]), int(params["top_k"]), scenario.num_sessions
+        if pool_size < sessions * top_k:
+            raise ConfigError(
+                f"method.pool_size={pool_size} with method.top_k={top_k} holds task prompts for {pool_size // top_k} "
+                f"sessions, but scenario {scenario.name} has {sessions}: with method.task_forced_prompt=true, "
+                f"sessions {pool_size // top_k}-{sessions - 1} would train without a prompt of their own. Raise "
+                f"method.pool_size to >= {sessions * top_k} (sessions x top_k), set method.task_forced_prompt=false "
+                "(prompts chosen by key matching in every session), or set method.allow_short_pool=true to accept "
+                "the reference's fallback."
             )
 
     def task_slots(self, session: int) -> slice | None:

@@ -49,6 +49,7 @@ from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.features import FeatureCache, extract_features
 from pilot.modules.precision import float32_compute
 from pilot.runtime import Runtime
+from pilot.schema import NonNegativeFloat, PositiveInt, Probability
 
 
 @float32_compute
@@ -102,25 +103,25 @@ class EASE(Learner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
-        epochs: int = 20,
-        batch_size: int = 48,
-        optimizer: Callable[..., Optimizer] | None = None,
-        scheduler: Callable[..., LRScheduler] | None = None,
-        adapter_dim: int = 64,
-        adapter_dropout: float = 0.1,
-        adapter_scale: float = 0.1,
-        alpha: float = 0.1,
-        prototype_batch_size: int = 128,
-        eval_batch_size: int = 128,
-        sets_per_pass: int | None = None,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        optimizer: Callable[..., Optimizer] = partial(SGD, lr=0.025, momentum=0.9, weight_decay=5e-4),
+        scheduler: Callable[..., LRScheduler] | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
+        adapter_dim: PositiveInt = 64,
+        adapter_dropout: Probability = 0.1,
+        adapter_scale: NonNegativeFloat = 0.1,
+        alpha: NonNegativeFloat = 0.1,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 128,
+        sets_per_pass: PositiveInt | None = None,
         cache_features: bool = True,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         check_adaptable(backbone.vit)
         self.epochs = epochs
         self.batch_size = batch_size
-        self.optimizer = optimizer or partial(SGD, lr=0.025, momentum=0.9, weight_decay=5e-4)
-        self.scheduler = scheduler if scheduler is not None else partial(CosineAnnealingLR, T_max=epochs, eta_min=0.0)
+        self.optimizer = optimizer
+        self.scheduler = scheduler  # None: a constant learning rate
         self.adapter_dim, self.adapter_dropout, self.adapter_scale = adapter_dim, adapter_dropout, adapter_scale
         self.alpha = alpha
         self.prototype_batch_size = prototype_batch_size

@@ -25,6 +25,7 @@ from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompts import PromptPool
 from pilot.runtime import Runtime
+from pilot.schema import NonNegativeFloat, PositiveInt
 
 
 class L2P(PromptPoolLearner):
@@ -37,16 +38,16 @@ class L2P(PromptPoolLearner):
         runtime: Runtime,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
-        epochs: int = 5,
-        batch_size: int = 16,
-        eval_batch_size: int = 512,
-        vote_batch_size: int = 16,
-        pool_size: int = 10,
-        prompt_length: int = 5,
-        top_k: int = 5,
+        epochs: PositiveInt = 5,
+        batch_size: PositiveInt = 16,
+        eval_batch_size: PositiveInt = 512,
+        vote_batch_size: PositiveInt = 16,
+        pool_size: PositiveInt = 10,
+        prompt_length: PositiveInt = 5,
+        top_k: PositiveInt = 5,
         batchwise_prompt: bool = True,
         batchwise_prompt_eval: bool = True,
-        pull_coeff: float = 0.1,
+        pull_coeff: NonNegativeFloat = 0.1,
     ) -> None:
         super().__init__(
             backbone,

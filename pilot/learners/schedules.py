@@ -13,6 +13,8 @@ from functools import partial
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from pilot.schema import PositiveInt
+
 
 def coda_cosine_factor(epoch: int, epochs: int, shifted: bool = True) -> float:
     """CODA-Prompt's lr factor for epoch ``epoch`` (0-based) of ``K = epochs`` (docs/methods.md §3.2).
@@ -43,7 +45,7 @@ def coda_cosine_factor(epoch: int, epochs: int, shifted: bool = True) -> float:
     return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
 
 
-def coda_cosine(optimizer: Optimizer, epochs: int, shifted: bool = True) -> LambdaLR:
+def coda_cosine(optimizer: Optimizer, epochs: PositiveInt, shifted: bool = True) -> LambdaLR:
     """CODA's cosine schedule over ``epochs`` epochs, stepped once per epoch (:func:`coda_cosine_factor`).
 
     YAML: ``scheduler: {_target_: pilot.learners.schedules.coda_cosine, _partial_: true,

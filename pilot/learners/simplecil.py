@@ -19,6 +19,7 @@ from pilot.learners.base import Learner
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.features import FeatureCache, extract_features
 from pilot.runtime import Runtime
+from pilot.schema import PositiveInt
 
 
 class SimpleCIL(Learner):
@@ -29,8 +30,8 @@ class SimpleCIL(Learner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 512,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.batch_size = batch_size

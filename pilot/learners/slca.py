@@ -53,6 +53,7 @@ from pilot.modules.features import extract_features
 from pilot.modules.gaussian import ClassGaussians
 from pilot.modules.precision import FP32Linear
 from pilot.runtime import Runtime
+from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 
 def mean_scale_sessions(scenario: Scenario, info: SessionInfo, reference: bool = False) -> torch.Tensor:
@@ -73,32 +74,32 @@ class SLCA(Learner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
-        epochs: int = 20,
-        batch_size: int = 64,
-        optimizer: Callable[..., Optimizer] | None = None,
-        backbone_lr_scale: float = 0.01,
-        scheduler: Callable[..., LRScheduler] | None = None,
-        ca_epochs: int = 3,
-        ca_optimizer: Callable[..., Optimizer] | None = None,
-        ca_scheduler: Callable[..., LRScheduler] | None = None,
-        ca_samples_per_class: int = 256,
-        ca_batch_size: int = 256,
-        ca_logit_norm: float | None = 0.1,
-        covariance_shrink: float = 1e-4,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 64,
+        optimizer: Callable[..., Optimizer] = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        backbone_lr_scale: NonNegativeFloat = 0.01,
+        scheduler: Callable[..., LRScheduler] | None = partial(MultiStepLR, milestones=[18], gamma=0.1),
+        ca_epochs: NonNegativeInt = 3,
+        ca_optimizer: Callable[..., Optimizer] = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        ca_scheduler: Callable[..., LRScheduler] | None = partial(CosineAnnealingLR, T_max=3),
+        ca_samples_per_class: PositiveInt = 256,
+        ca_batch_size: PositiveInt = 256,
+        ca_logit_norm: PositiveFloat | None = 0.1,
+        covariance_shrink: NonNegativeFloat = 1e-4,
         reference_session_mapping: bool = False,
         freeze_batchnorm_stats: bool = True,
-        stats_batch_size: int = 128,
-        eval_batch_size: int = 256,
+        stats_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.epochs = epochs
         self.batch_size = batch_size
-        self.optimizer = optimizer or partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.optimizer = optimizer
         self.backbone_lr_scale = backbone_lr_scale
-        self.scheduler = scheduler if scheduler is not None else partial(MultiStepLR, milestones=[18], gamma=0.1)
+        self.scheduler = scheduler  # None: a constant learning rate
         self.ca_epochs = ca_epochs
-        self.ca_optimizer = ca_optimizer or partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.ca_scheduler = ca_scheduler if ca_scheduler is not None else partial(CosineAnnealingLR, T_max=ca_epochs)
+        self.ca_optimizer = ca_optimizer
+        self.ca_scheduler = ca_scheduler  # None: a constant learning rate
         self.ca_samples_per_class = ca_samples_per_class
         self.ca_batch_size = ca_batch_size
         self.ca_logit_norm = ca_logit_norm

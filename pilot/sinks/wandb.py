@@ -3,6 +3,10 @@
 ``mode``: ``offline`` (default; files under the run directory, upload later with ``wandb sync``),
 ``online`` or ``disabled``. Any W&B failure is logged and switches this sink off; the CSV results
 are written independently and are never lost to it. ``import wandb`` happens only when enabled.
+
+W&B is kept quiet (``wandb_settings``): no banner, no run summary, no console capture; this sink logs
+one line per run instead, saying where the run is (the offline directory and its ``wandb sync``
+command, or the online URL). A log of a sweep then has the run's own lines, not W&B's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from pilot.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_settings() -> dict[str, Any]:
+    """Settings for ``wandb.init``: ``silent`` (no banner, hints or run summary on the console) and
+    ``console="off"`` (stdout/stderr are not captured into the run: the log file already holds them)."""
+    return {"silent": True, "console": "off"}
 
 
 class WandbSink(Sink):
@@ -53,8 +63,13 @@ class WandbSink(Sink):
             config=config,
             resume="allow",
             job_type="train",
+            settings=wandb.Settings(**wandb_settings()),
         )
         self.run.config.update({"pilot": run_info}, allow_val_change=True)
+        if self.mode == "offline":
+            log.info("W&B run saved offline; upload with: wandb sync %s", self.run.settings.sync_dir)
+        else:
+            log.info("W&B run: %s", self.run.url)
         for record, _ in previous:  # offline resume starts a new local file: repeat the finished sessions
             self._log(record)
 

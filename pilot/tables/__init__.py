@@ -19,6 +19,18 @@ learning-rate sweep, ...) are never merged: each becomes its own row, labelled w
 values that differ (read from each run's ``config.yaml``). Incomplete runs (fewer rows than
 ``num_sessions``) and superseded reruns of the same run_id are listed apart and never averaged.
 
+Inputs are checked and never modified. A ``sessions.csv`` that is damaged or hand-edited (cut off,
+wrong header, a value that is not a number or out of range, rows of two runs, a session twice or
+missing) is left out with a warning naming the file and the problem; a group whose runs turn out
+to differ is split by config (when ``config.yaml`` tells them apart) or refused, with a warning
+(``results`` module docstring). Exit status: 0 = table written; 1 = no finished run to tabulate;
+2 = bad input: a path that does not exist, no ``sessions.csv`` found, none of them usable, an
+unknown metric, a bad ``--compare`` file or ``--heatmap`` run.
+
+Sessions are numbered from 0 everywhere, as in the CSVs and the log: ``curves.csv``'s ``session``,
+the published per-session values and the heat-map axes ("after session k (from 0)"); ``n`` in the
+tables counts seeds, and "sessions 2/3" in the list of runs left out counts finished sessions.
+
 Outputs (``--out``, default ``<first results dir>/tables``): ``table.md`` (also printed), ``table.tex``
 (booktabs, best mean per column in bold), ``table.csv`` (long form: one row per cell with mean, std,
 n, seeds, and the published value and difference with ``--compare``), ``incomplete.csv``; with
@@ -57,7 +69,10 @@ from pilot.tables.results import (
     Metric,
     Results,
     TablesError,
+    TablesWarning,
     assign_variants,
+    check_groups,
+    check_sessions,
     find_run_dirs,
     load_results,
     read_run,
@@ -78,10 +93,13 @@ __all__ = [
     "METRICS",
     "DEFAULT_METRICS",
     "TablesError",
+    "TablesWarning",
     "find_run_dirs",
+    "check_sessions",
     "read_run",
     "Results",
     "load_results",
+    "check_groups",
     "assign_variants",
     "summarize",
     "select",

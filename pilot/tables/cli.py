@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``pilot-tables`` and ``python -m pilot.tables``: parse ``argv`` (default: the command line), build the
+    tables; returns the exit status."""
     parser = build_parser()
+    if argv is None and Path(sys.argv[0]).name == "pilot-tables":
+        parser.prog = "pilot-tables"
     args = parser.parse_args(argv)
     if args.compare and Path(args.compare).is_dir():  # `--compare RESULTS_DIR`: the flag took a results dir
         args.results.append(args.compare)
@@ -87,7 +91,7 @@ def _main(args: argparse.Namespace) -> int:
     if unknown:
         raise TablesError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     out_dir = Path(args.out) if args.out else Path(args.results[0]) / "tables"
-    results = load_results(args.results)
+    results = load_results(args.results, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     filters = dict(
         methods=_list(args.methods),
         datasets=_list(args.datasets),

@@ -17,7 +17,19 @@ import numpy as np
 import pandas as pd
 
 from pilot.tables.render import _row_label
-from pilot.tables.results import MATRIX_FILE, ROW, SETTING, SPLIT_FILE, Results, TablesError, _read_json
+from pilot.tables.results import (
+    MATRIX_FILE,
+    MATRIX_SPEC,
+    ROW,
+    SETTING,
+    SPLIT_FILE,
+    Results,
+    TablesError,
+    _lines,
+    _read_json,
+    _summary,
+    read_records,
+)
 
 COLUMN_WIDTH_IN = 3.3
 DPI = 300
@@ -157,21 +169,48 @@ def _colors(n: int) -> list:
 
 
 def read_matrix(run_dir: str | Path) -> np.ndarray:
-    """The accuracy matrix ``R[k, j]`` of one run from its ``matrix.csv`` (NaN above the diagonal)."""
-    path = Path(run_dir) / MATRIX_FILE
+    """The accuracy matrix ``R[k, j]`` of one run from its ``matrix.csv`` (NaN above the diagonal).
+
+    The file is checked as ``sessions.csv`` is (``results.read_records``: readable, the header, whole
+    rows, numbers in range), and then: one run only, ``block <= session``, each cell once (an exact
+    repeat is harmless). Any problem is a ``TablesError`` naming the file: a heat map is asked for
+    one run by name, so there is nothing to fall back on."""
+    run_dir = Path(run_dir)
+    path = run_dir / MATRIX_FILE
+    if not run_dir.is_dir():
+        raise TablesError(f"{run_dir} is not a directory (--heatmap takes a run directory)")
     if not path.exists():
-        raise TablesError(f"{path} not found (--heatmap takes a run directory)")
-    long = pd.read_csv(path)
-    size = int(max(long["session"].max(), long["block"].max())) + 1
+        raise TablesError(f"{path} not found (--heatmap takes the directory of one run)")
+    _, records, problems = read_records(path, MATRIX_SPEC)
+    if not problems and not records:
+        problems = ["has a header but no rows: no session has finished"]
+    runs = {r["run_id"] for _, r, _ in records if "run_id" in r}
+    if not problems and len(runs) > 1:
+        problems.append(
+            f"holds rows of {len(runs)} runs ({', '.join(sorted(runs))}): two runs wrote into one directory"
+        )
+    cells: dict[tuple[int, int], tuple[int, float]] = {}
+    for line, r, _ in records if not problems else []:
+        k, j = r["session"], r["block"]
+        if j > k:
+            problems.append(f"line {line}: block {j} > session {k} (after session k only blocks 0..k are tested)")
+        elif (k, j) in cells and not (cells[k, j][1] == r["acc"] or (np.isnan(cells[k, j][1]) and np.isnan(r["acc"]))):
+            problems.append(f"session {k}, block {j} appears on {_lines([cells[k, j][0], line])} with different acc")
+        else:
+            cells.setdefault((k, j), (line, r["acc"]))
+    if problems:
+        raise TablesError(f"{path}: {_summary(problems)}")
+    size = max(max(k, j) for k, j in cells) + 1
     R = np.full((size, size), np.nan)
-    R[long["session"].to_numpy(), long["block"].to_numpy()] = long["acc"].to_numpy()
+    for (k, j), (_, acc) in cells.items():
+        R[k, j] = acc
     return R
 
 
 def plot_heatmap(run_dir: str | Path, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Heat map of one run's accuracy matrix, cell values written in when there are at most 12
-    sessions (at 7 pt more do not fit a column). Rows: after session k; columns: classes of session j
-    (both 1-based, as in papers)."""
+    sessions (at 7 pt more do not fit a column). Rows: after session k; columns: classes of session j;
+    both numbered from 0, as in sessions.csv, matrix.csv and the log (the axis labels say so)."""
     from matplotlib import rc_context
     from matplotlib.figure import Figure
 
@@ -195,10 +234,10 @@ def plot_heatmap(run_dir: str | Path, out_dir: Path, formats: Sequence[str] = ("
                             j, k, text, ha="center", va="center", fontsize=7, color="black" if R[k, j] > 60 else "white"
                         )
         ticks = np.arange(size) if size <= 12 else np.arange(0, size, max(1, size // 10))
-        ax.set_xticks(ticks, [str(t + 1) for t in ticks])
-        ax.set_yticks(ticks, [str(t + 1) for t in ticks])
-        ax.set_xlabel("test classes of session j")
-        ax.set_ylabel("after session k")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_yticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("test classes of session j (from 0)")
+        ax.set_ylabel("after session k (from 0)")
         ax.set_title(title or run_dir.name)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)

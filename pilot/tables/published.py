@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pilot.resources import shipped_dir
 from pilot.tables.results import TablesError
 
-DEFAULT_PUBLISHED = Path(__file__).resolve().parent.parent.parent / "results" / "published.csv"
+DEFAULT_PUBLISHED = shipped_dir("results", "published.csv") / "published.csv"  # the packaged copy in a wheel
 
 
 def read_published(path: str | Path) -> pd.DataFrame:
@@ -23,10 +24,21 @@ def read_published(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise TablesError(f"published numbers not found: {path} (pass --compare PATH)")
-    table = pd.read_csv(path, dtype={"source": str, "note": str})
+    try:
+        table = pd.read_csv(path, dtype={"source": str, "note": str})
+    except pd.errors.EmptyDataError:
+        raise TablesError(f"{path}: is empty (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        raise TablesError(f"{path}: cannot be read as CSV ({str(err).strip().splitlines()[-1]})") from None
     missing = {"method", "dataset", "backbone", "scenario", "metric", "value"} - set(table.columns)
     if missing:
         raise TablesError(f"{path} lacks the column(s) {', '.join(sorted(missing))}")
+    values = pd.to_numeric(table["value"], errors="coerce")
+    bad = table.index[values.isna()]
+    if len(bad):  # file line = row + 2 (the header, 1-based)
+        shown = ", ".join(f"line {i + 2} ({table['value'][i]!r})" for i in bad[:3])
+        raise TablesError(f"{path}: value is missing or not a number on {shown}" + (", ..." if len(bad) > 3 else ""))
+    table["value"] = values
     for column in ("source", "note"):
         table[column] = table.get(column, pd.Series("", index=table.index)).fillna("")
     table["session"] = pd.to_numeric(table.get("session", pd.Series(np.nan, index=table.index)), errors="coerce")

@@ -1,26 +1,89 @@
 """Reading pilot's result directories and turning runs into table cells.
 
-Finds every run directory (one holding a ``sessions.csv``) under the given paths, reads each run's
-rows, ``sessions.json`` and flattened ``config.yaml``, sets incomplete and superseded runs apart
-(``load_results`` -> ``Results``), labels groups of one method and setting that differ in their
-config as variants (``assign_variants``), and reduces the runs of each seed group to cells: mean,
-sample std and number of seeds per metric (``summarize``), filtered and ordered by ``select``. Also
-holds what the other ``pilot.tables`` modules share: file names, row/setting keys, ``METRICS`` and
-``TablesError``.
+Finds every run directory (one holding a ``sessions.csv``) under the given paths, checks and reads
+each run's rows, ``sessions.json`` and flattened ``config.yaml``, sets apart the runs that cannot be
+averaged (``load_results`` -> ``Results``), labels groups of one method and setting that differ in
+their config as variants (``assign_variants``), and reduces the runs of each seed group to cells:
+mean, sample std and number of seeds per metric (``summarize``), filtered and ordered by ``select``.
+Also holds what the other ``pilot.tables`` modules share: file names, row/setting keys, ``METRICS``,
+``TablesError`` and ``TablesWarning``.
+
+What is checked, and what happens then
+--------------------------------------
+
+A table cell averages runs that differ only by their seed, and a bad file must never slip into one.
+Inputs are only read, never changed. Every message names the file (or the run directories) and the
+problem; ``load_results`` issues them as ``TablesWarning`` (the command line prints them as
+``warning: ...`` lines on stderr) and keeps them in ``Results.warnings``.
+
+*One file* (``check_sessions``). A ``sessions.csv`` with any of these problems is **left out**: its
+run is listed under "Not in the table" (``incomplete.csv``) with the problem as the reason, never
+averaged, and one warning gives the file and its first problems:
+
+* it cannot be read, is not UTF-8 text, is empty (0 bytes) or holds NUL bytes;
+* a wrong header: not a ``sessions.csv`` header at all, a column pilot needs is missing
+  (``REQUIRED_COLUMNS``; other columns are optional, as in older files), a column named twice;
+* a row cut short (the file ends mid-row: an interrupted write or copy), a row with more or fewer
+  fields than the header, the header repeated inside the file (two files joined);
+* a value that is not a number where one is expected, an empty required value, a percentage outside
+  0..100 (``forgetting``, ``bwt``: -100..100), a negative count, time or memory, a fractional
+  session/seed/count;
+* rows of more than one run (``run_id``) in the file: two runs wrote into one directory. The rows are
+  not split into two runs, because the ``config.yaml`` and ``sessions.json`` beside them describe
+  only one of them (one directory holds one run);
+* a run column (``group_id``, labels, ``seed``, ``num_sessions``) that changes between rows;
+* the same session twice with different values, a session missing in the middle (0, 1, 3), a session
+  at or past ``num_sessions``, ``n_seen`` that does not grow with the session;
+* rows that disagree with the run description beside them (``sessions.json``'s ``run_id``,
+  ``config.yaml``'s seed or labels): another run wrote into the directory.
+
+Two cases are milder. The same row twice, byte for byte, is counted once, with a warning (nothing is
+ambiguous). A file with a header and no rows is a run whose first session has not finished: it is
+listed as such, with a warning. A ``config.yaml`` that is not valid YAML gets a warning; the run is
+still tabulated, but its config cannot be compared (see below).
+
+*One group* (``check_groups``, runs with the same ``group_id``, whose seeds are averaged). The runs
+must agree on method, dataset, backbone, scenario and ``num_sessions``, on their ``config.yaml``
+(values that follow the seed, such as the class-order seed, left aside), and each seed may appear
+once. ``group_id`` hashes all of that, so a disagreement means a file was edited or copied by hand.
+
+* **Split**, with a warning, when every run of the group has a ``config.yaml`` and the configs tell
+  the runs apart: each part becomes its own group (``<group_id>~1``, ``~2``, ...) and so its own
+  table row, labelled by the differing config values, exactly as a sweep is. The config is the
+  better witness of what a run computed than a hash copied into its rows.
+* **Refused** otherwise: a run has no readable ``config.yaml``, or identical configs come with
+  different ``num_sessions`` or labels, or a seed appears twice (also within a part of a split).
+  Every run of the group is listed with the reason and nothing of it is averaged, since which runs
+  belong together cannot be told.
+
+Runs of one method and setting in different groups (a sweep) are never merged either: each group is
+its own row (``assign_variants``). Incomplete runs and superseded reruns of the same ``run_id`` are
+listed apart, as before.
+
+*Exit status* of ``python -m pilot.tables``: 2 when nothing usable is found (a given path does not
+exist, no ``sessions.csv`` under the paths, or every ``sessions.csv`` found is bad or has no rows:
+``load_results`` raises ``TablesError`` listing each file and its problem); otherwise the table is
+built from the good files, the bad ones are warned about and listed, and the status is 0, or 1 when
+no finished run is left to tabulate.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-from dataclasses import dataclass
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import yaml
 
 from pilot.run_info import NON_SEMANTIC_KEYS, SEMANTIC_RUNTIME_KEYS
+from pilot.sinks.csv import MATRIX_COLUMNS, RUN_COLUMNS, SESSION_COLUMNS
 
 SESSIONS_FILE, MATRIX_FILE, CONFIG_FILE, SPLIT_FILE = "sessions.csv", "matrix.csv", "config.yaml", "sessions.json"
 SETTING = ["dataset", "backbone", "scenario"]
@@ -42,6 +105,30 @@ METHOD_ORDER = [
     "fecam",
     "mos",
 ]
+
+# What a sessions.csv row must hold for a table, and what its values may be (pilot.sinks.csv writes them).
+REQUIRED_COLUMNS = [*RUN_COLUMNS, "session", "n_seen", "acc", "acc_avg"]
+_TEXT_COLUMNS = {"run_id", "group_id", "method", "dataset", "backbone", "scenario", "finished_at"}
+_INTEGER_COLUMNS = {
+    "seed",
+    "num_sessions",
+    "session",
+    "block",
+    "n_seen",
+    "n_new",
+    "n_test",
+    "params_total",
+    "params_trainable",
+}
+_BOUNDS = {  # inclusive (low, high); None = unbounded
+    **{c: (0.0, 100.0) for c in ("acc", "acc_top5", "acc_old", "acc_new", "acc_avg")},
+    **{c: (-100.0, 100.0) for c in ("forgetting", "bwt")},
+    **{c: (0.0, None) for c in ("train_time_s", "eval_time_s", "wall_time_s", "elapsed_s", "peak_mem_mb")},
+    **{c: (0.0, None) for c in ("session", "n_new", "n_test", "params_total", "params_trainable")},
+    **{c: (1.0, None) for c in ("num_sessions", "n_seen")},
+    "seed": (None, None),
+}
+_SHOWN_PROBLEMS = 3  # per file; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -75,69 +162,280 @@ class TablesError(Exception):
     """Bad input to the table builder (nothing found, unknown metric...): printed, exit status 2."""
 
 
+class TablesWarning(UserWarning):
+    """A result file or group that is left out of (or split in) the table; the table is still built."""
+
+
 # ---------------------------------------------------------------------------------------------
-# Reading runs
+# Finding and checking one run's files
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every directory under ``paths`` that holds a ``sessions.csv`` (each directory once)."""
+    """Every directory under ``paths`` that holds a ``sessions.csv`` (each directory once). A path may
+    also be a ``sessions.csv`` itself; a path that does not exist or another file is a ``TablesError``."""
     found: dict[Path, None] = {}
     for path in map(Path, paths):
         if not path.exists():
             raise TablesError(f"{path} does not exist")
-        files = [path] if path.is_file() and path.name == SESSIONS_FILE else sorted(path.rglob(SESSIONS_FILE))
+        if path.is_file():
+            if path.name != SESSIONS_FILE:
+                raise TablesError(f"{path} is a file, not a results directory (give the directory that holds runs)")
+            files = [path]
+        else:
+            try:
+                files = sorted(path.rglob(SESSIONS_FILE))
+            except OSError as err:
+                raise TablesError(f"{path} cannot be searched ({err})") from err
         for file in files:
-            found.setdefault(file.parent.resolve(), None)
+            if file.is_file():
+                found.setdefault(file.parent.resolve(), None)
     return list(found)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    """One run: a summary dict (labels, seed, sessions done/total, ``problem`` when it cannot be
-    averaged, the config flattened) and its ``sessions.csv`` rows."""
-    info: dict[str, Any] = {"run_dir": str(run_dir), "problem": ""}
-    split = _read_json(run_dir / SPLIT_FILE)
-    for key in ("run_id", "group_id", "method", "dataset", "backbone", "scenario", "seed", "num_sessions"):
-        info[key] = split.get(key)
+def _lines(numbers: Sequence[int]) -> str:
+    """``line 3`` or ``lines 2, 4, 6`` (at most 5 listed)."""
+    shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+    return f"line {shown}" if len(numbers) == 1 else f"lines {shown}"
+
+
+@dataclass(frozen=True)
+class CsvSpec:
+    """What a result CSV must look like: its file name, the columns pilot writes, those a table needs
+    (with a value, except ``may_be_empty``), and the allowed range of each numeric column (inclusive;
+    None = open)."""
+
+    name: str
+    columns: Sequence[str]
+    required: Sequence[str]
+    bounds: dict[str, tuple[float | None, float | None]]
+    may_be_empty: frozenset[str] = frozenset()
+
+
+SESSIONS_SPEC = CsvSpec(SESSIONS_FILE, SESSION_COLUMNS, REQUIRED_COLUMNS, _BOUNDS)
+MATRIX_SPEC = CsvSpec(
+    MATRIX_FILE,
+    MATRIX_COLUMNS,
+    ["session", "block", "acc"],
+    {**{c: _BOUNDS[c] for c in ("seed", "num_sessions", "session", "acc", "n_test")}, "block": (0.0, None)},
+    frozenset({"acc"}),  # a block without test images has no accuracy
+)
+Record = tuple[int, dict[str, Any], tuple[str, ...]]  # line number, parsed values, the stripped fields
+
+
+def _parse_value(column: str, raw: str, spec: CsvSpec) -> tuple[Any, str]:
+    """The value of one cell and a problem ("" when fine). Empty (or ``nan``) optional numbers are NaN,
+    as pilot writes undefined metrics."""
+    value = raw.strip()
+    required = column in spec.required and column not in spec.may_be_empty
+    if column in _TEXT_COLUMNS or column not in spec.bounds:
+        return value, f"{column} is empty" if required and not value else ""
+    if not value or value.lower() == "nan":
+        return math.nan, f"{column} is empty" if required else ""
     try:
-        rows = pd.read_csv(run_dir / SESSIONS_FILE, dtype={"run_id": str, "group_id": str})
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        info.update(sessions_done=0, problem=f"unreadable {SESSIONS_FILE}: {err}")
-        return info, pd.DataFrame()
-    if len(rows) and "session" in rows.columns:
-        rows = rows.sort_values("session", kind="stable").reset_index(drop=True)
-    if len(rows):
-        first = rows.iloc[0]
-        for key in ("run_id", "group_id", "method", "dataset", "backbone", "scenario", "seed", "num_sessions"):
-            if key in rows.columns:
-                info[key] = first[key].item() if hasattr(first[key], "item") else first[key]
-    info["sessions_done"] = int(rows["session"].nunique()) if "session" in rows.columns else 0
-    total = info["num_sessions"]
-    if total is None or (isinstance(total, float) and math.isnan(total)):
-        info["problem"] = "num_sessions unknown (no rows and no sessions.json)"
-    elif len(rows) and (rows["session"].duplicated().any() or sorted(rows["session"]) != list(range(len(rows)))):
-        info["problem"] = f"session column is not 0..{len(rows) - 1} without repeats"
-    elif info["sessions_done"] < int(total):
-        info["problem"] = "incomplete"
-    info["finished_at"] = str(rows["finished_at"].iloc[-1]) if len(rows) and "finished_at" in rows else ""
-    info["config"] = _flat_config(run_dir / CONFIG_FILE, info.get("seed"))
-    rows = rows.assign(run_dir=str(run_dir))
-    return info, rows
+        number = float(value)
+    except ValueError:
+        return math.nan, f"{column}={value!r} is not a number"
+    if not math.isfinite(number):
+        return math.nan, f"{column}={value} is not finite"
+    if column in _INTEGER_COLUMNS:
+        if not number.is_integer():
+            return math.nan, f"{column}={value} is not a whole number"
+        number = int(number)
+    low, high = spec.bounds[column]
+    if (low is not None and number < low) or (high is not None and number > high):
+        span = f"{low:g}..{high:g}" if high is not None else f">= {low:g}"
+        return math.nan, f"{column}={value} is outside {span}"
+    return number, ""
 
 
-def _flat_config(path: Path, seed: Any) -> dict[str, str] | None:
+def read_records(path: str | Path, spec: CsvSpec) -> tuple[list[str], list[Record], list[str]]:
+    """Read a result CSV line by line: ``(header, well-formed rows, problems)``. Problems are about the
+    file (unreadable, empty, wrong header) or a line (cut off, wrong width, a repeated header, a value
+    that is not a number or out of range), each with its line number."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return [], [], [f"cannot be read ({err.strerror or err})"]
+    if not data.strip():
+        return [], [], ["is empty (0 bytes)" if not data else "is empty (only blank lines)"]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        return [], [], [f"is not UTF-8 text (byte {err.start}): not a CSV written by pilot"]
+    if "\0" in text:
+        return [], [], ["holds NUL bytes (a damaged or binary file)"]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    lines: list[tuple[int, list[str]]] = []
+    try:
+        for fields in reader:
+            lines.append((reader.line_num, fields))
+    except csv.Error as err:
+        return [], [], [f"line {reader.line_num + 1} cannot be parsed as CSV ({err})"]
+    lines = [(n, f) for n, f in lines if f]  # blank lines carry nothing
+    (header_line, raw_header), body = lines[0], lines[1:]
+    header = [h.strip() for h in raw_header]
+    if not set(header) & set(spec.columns):
+        found, expected = ",".join(header[:3]), ",".join(spec.columns[:3])
+        return (
+            [],
+            [],
+            [f"line {header_line} is not a {spec.name} header (found {found!r}..., expected {expected!r}...)"],
+        )
+    problems = []
+    twice = [c for c, n in Counter(header).items() if n > 1]
+    if twice:
+        problems.append(f"the header names column(s) {', '.join(twice)} twice")
+    missing = [c for c in spec.required if c not in header]
+    if missing:
+        other = MATRIX_FILE if spec.name == SESSIONS_FILE else SESSIONS_FILE
+        look_alike = set(MATRIX_SPEC.columns if spec.name == SESSIONS_FILE else SESSIONS_SPEC.columns)
+        hint = f" (this looks like a {other})" if set(header) <= look_alike and len(set(header)) > 3 else ""
+        problems.append(f"the header lacks column(s) {', '.join(missing)}{hint}")
+    if problems:
+        return header, [], problems
+
+    records: list[Record] = []
+    cut = not text.endswith(("\n", "\r"))
+    for i, (line, fields) in enumerate(body):
+        stripped = tuple(f.strip() for f in fields)
+        if list(stripped) == header:
+            problems.append(f"line {line} repeats the header (two files joined?)")
+            continue
+        if len(fields) != len(header):
+            if cut and i == len(body) - 1 and len(fields) < len(header):
+                problems.append(
+                    f"line {line} is cut off mid-row ({len(fields)} of {len(header)} fields, no line break at "
+                    "the end of the file: an interrupted write or copy)"
+                )
+            else:
+                problems.append(f"line {line} has {len(fields)} fields, the header {len(header)}")
+            continue
+        record, errors = {}, []
+        for column, raw in zip(header, fields):
+            record[column], error = _parse_value(column, raw, spec)
+            if error:
+                errors.append(error)
+        if errors:
+            problems.append(f"line {line}: {'; '.join(errors)}")
+        else:
+            records.append((line, record, stripped))
+    return header, records, problems
+
+
+def check_sessions(path: str | Path) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Read one ``sessions.csv`` and check it: ``(rows, problems, notes)``.
+
+    ``rows`` are the parsed rows, sorted by session (exact duplicate rows once); ``problems`` say why
+    the run must not be tabulated (empty when it may); ``notes`` are harmless findings worth a warning.
+    See the module docstring for the list of checks."""
+    header, records, problems = read_records(path, SESSIONS_SPEC)
+    if problems or not records:
+        return _frame([r for _, r, _ in records], header), problems, []
+    problems, notes, records = _check_rows(records)
+    return _frame([r for _, r, _ in records], header), problems, notes
+
+
+def _check_rows(records: list[Record]) -> tuple[list[str], list[str], list[Record]]:
+    """Checks across the well-formed rows of one file: one run, constant run columns, sessions 0..k-1
+    each once, within num_sessions, n_seen growing. Exact duplicate rows are dropped (with a note)."""
+    problems, notes = [], []
+    by_run: dict[str, list[int]] = defaultdict(list)
+    for line, record, _ in records:
+        by_run[record["run_id"]].append(line)
+    if len(by_run) > 1:
+        runs = "; ".join(f"run_id {run_id} on {_lines(lines)}" for run_id, lines in by_run.items())
+        return [f"holds rows of {len(by_run)} runs ({runs}): two runs wrote into one directory"], [], records
+    for column in RUN_COLUMNS[1:]:
+        values: dict[Any, list[int]] = defaultdict(list)
+        for line, record, _ in records:
+            values[record[column]].append(line)
+        if len(values) > 1:
+            problems.append(
+                f"{column} changes between rows ({'; '.join(f'{v} on {_lines(ls)}' for v, ls in values.items())})"
+            )
+    kept, first_of = [], {}
+    for line, record, raw in records:
+        session = record["session"]
+        if session not in first_of:
+            first_of[session] = (line, record, raw)
+            kept.append((line, record, raw))
+            continue
+        first_line, first, first_raw = first_of[session]
+        if raw == first_raw:
+            notes.append(f"line {line} repeats line {first_line} (session {session}) exactly: counted once")
+        else:
+            differ = [c for c in first if c != "finished_at" and not _same(first[c], record[c])][:2] or ["finished_at"]
+            values = ", ".join(f"{c} {first[c]} vs {record[c]}" for c in differ)
+            problems.append(
+                f"session {session} appears on lines {first_line} and {line} with different values ({values})"
+            )
+    if problems:
+        return problems, notes, kept
+    kept.sort(key=lambda r: r[1]["session"])
+    sessions = [r["session"] for _, r, _ in kept]
+    gaps = sorted(set(range(sessions[-1] + 1)) - set(sessions))
+    if gaps:
+        problems.append(
+            f"session(s) {', '.join(map(str, gaps))} missing (found {', '.join(map(str, sessions))}; "
+            "sessions are numbered 0, 1, 2, ... with no gap)"
+        )
+    total = kept[0][1]["num_sessions"]
+    if sessions[-1] >= total:
+        problems.append(f"session {sessions[-1]} is past num_sessions={total} (sessions are numbered 0..{total - 1})")
+    n_seen = [r["n_seen"] for _, r, _ in kept]
+    shrinking = [kept[i][0] for i in range(1, len(kept)) if n_seen[i] <= n_seen[i - 1]]
+    if shrinking:
+        problems.append(f"n_seen does not grow with the session ({_lines(shrinking)})")
+    return problems, notes, kept
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _frame(records: list[dict[str, Any]], header: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(records, columns=header)
+    for column in ("run_id", "group_id"):
+        if column in frame:
+            frame[column] = frame[column].astype(str)
+    return frame.reset_index(drop=True)
+
+
+def _summary(problems: list[str]) -> str:
+    """A file's first problems in one line, and how many more there are."""
+    more = len(problems) - _SHOWN_PROBLEMS
+    return "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; and {more} more problem(s)" if more > 0 else "")
+
+
+def _load_config(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The raw ``config.yaml`` and a problem ("" when fine or absent)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"cannot be read ({err})"
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        return None, f"is not valid YAML ({str(err).splitlines()[0]})"
+    if not isinstance(config, dict):
+        return None, "does not hold a config (not a mapping)"
+    return config, ""
+
+
+def _flat_config(config: dict[str, Any] | None, seed: Any) -> dict[str, str] | None:
     """The resolved config as ``{dotted.key: value}`` with what does not define the setting removed
     (exactly what ``run_info.config_hash`` leaves out, and the seed)."""
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
     if not isinstance(config, dict):
         return None
     config = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "seed"}
@@ -159,6 +457,76 @@ def _flat_config(path: Path, seed: Any) -> dict[str, str] | None:
     return flat
 
 
+def _mismatch_with_description(rows: pd.DataFrame, split: dict[str, Any], config: dict[str, Any] | None) -> str:
+    """Why the rows are not the run that ``sessions.json``/``config.yaml`` beside them describe ("" if they are)."""
+    first = rows.iloc[0]
+    if split.get("run_id") is not None and str(split["run_id"]) != first["run_id"]:
+        return (
+            f"its rows are of run_id {first['run_id']} but {SPLIT_FILE} beside it is of run_id {split['run_id']}: "
+            "another run wrote into this directory"
+        )
+    if config is None:
+        return ""
+    if "seed" in config and str(config["seed"]) != str(first["seed"]):
+        return (
+            f"its rows have seed {first['seed']} but {CONFIG_FILE} beside it has seed {config['seed']}: "
+            "another run wrote into this directory"
+        )
+    labels = config.get("labels") if isinstance(config.get("labels"), dict) else {}
+    for key in ("method", "dataset", "backbone"):
+        if key in labels and str(labels[key]) != str(first[key]):
+            return (
+                f"its rows have {key} {first[key]} but {CONFIG_FILE} beside it has labels.{key} {labels[key]}: "
+                "another run wrote into this directory"
+            )
+    return ""
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """One run: a summary dict (labels, seed, sessions done/total, ``problem`` when it cannot be
+    averaged, ``bad`` when that is a file problem, ``warnings`` naming files, the config flattened)
+    and its checked ``sessions.csv`` rows (empty when the file is bad)."""
+    run_dir = Path(run_dir)
+    path = run_dir / SESSIONS_FILE
+    info: dict[str, Any] = {"run_dir": str(run_dir), "problem": "", "bad": False, "warnings": []}
+    split = _read_json(run_dir / SPLIT_FILE)
+    for key in ("run_id", "group_id", "method", "dataset", "backbone", "scenario", "seed", "num_sessions"):
+        info[key] = split.get(key)
+    rows, problems, notes = check_sessions(path)
+    config, config_problem = _load_config(run_dir / CONFIG_FILE)
+    if not problems and len(rows):
+        mismatch = _mismatch_with_description(rows, split, config)
+        problems = [mismatch] if mismatch else []
+    if len(rows):
+        first = rows.iloc[0]
+        for key in RUN_COLUMNS:
+            info[key] = first[key].item() if hasattr(first[key], "item") else first[key]
+    info["sessions_done"] = int(rows["session"].nunique()) if len(rows) else 0
+    info["finished_at"] = str(rows["finished_at"].iloc[-1]) if len(rows) and "finished_at" in rows else ""
+    info["config"] = _flat_config(config, info.get("seed"))
+    if problems:
+        info.update(problem=f"bad {SESSIONS_FILE}: {_summary(problems)}", bad=True)
+        info["warnings"].append(f"{path}: {_summary(problems)}; the run is left out")
+        return info, pd.DataFrame()
+    info["warnings"] += [f"{path}: {note}" for note in notes]
+    if config_problem:
+        info["warnings"].append(
+            f"{run_dir / CONFIG_FILE}: {config_problem}; the run is tabulated, but its config cannot be compared"
+        )
+    total = info["num_sessions"]
+    if not len(rows):
+        info["problem"] = "no session finished (header only)"
+        known = "" if total is not None else f" (and no {SPLIT_FILE}: num_sessions unknown)"
+        info["warnings"].append(f"{path}: has a header but no rows: no session has finished{known}")
+    elif info["sessions_done"] < int(total):
+        info["problem"] = "incomplete"
+    return info, rows.assign(run_dir=str(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# All runs: complete runs, groups of seeds, and what is left out
+
+
 @dataclass
 class Results:
     """What was found under the results directories."""
@@ -166,27 +534,45 @@ class Results:
     runs: pd.DataFrame  # complete, averaged runs: one row per run, last-session metrics, ``variant``
     sessions: pd.DataFrame  # every sessions.csv row of those runs
     incomplete: pd.DataFrame  # runs that are not averaged, with ``reason``
+    warnings: list[str] = field(default_factory=list)  # every message issued while loading
 
 
-def load_results(paths: Iterable[str | Path]) -> Results:
-    """Read every run under ``paths``; split complete runs from incomplete or superseded ones."""
+def _warn(message: str) -> None:
+    warnings.warn(message, TablesWarning, stacklevel=3)
+
+
+def load_results(paths: Iterable[str | Path], warn: Callable[[str], None] | None = None) -> Results:
+    """Read and check every run under ``paths``; set apart incomplete, bad, superseded and refused runs.
+
+    Each message (a bad file, a split or refused group...) goes to ``warn`` (default: a
+    ``TablesWarning``). ``TablesError`` when nothing is found or no ``sessions.csv`` has usable rows."""
     paths = list(paths)
+    warn = warn or _warn
     run_dirs = find_run_dirs(paths)
     if not run_dirs:
-        raise TablesError(f"no {SESSIONS_FILE} found under {', '.join(map(str, paths))}")
-    infos, frames = [], []
+        raise TablesError(
+            f"no {SESSIONS_FILE} found under {', '.join(map(str, paths))} (each run writes one into its run directory)"
+        )
+    infos, frames, messages = [], [], []
     for run_dir in run_dirs:
         info, rows = read_run(run_dir)
+        messages += info.pop("warnings")
         if not info["problem"]:
-            last = rows.iloc[-1]
             for name, metric in METRICS.items():
                 if metric.column in rows.columns:
                     values = pd.to_numeric(rows[metric.column], errors="coerce")
                     value = values.max() if metric.reduce == "max" else values.iloc[-1]
                     info[name] = float(value) * metric.scale
-            info["num_sessions"] = int(last["num_sessions"])
+            info["num_sessions"] = int(rows["num_sessions"].iloc[-1])
             frames.append(rows)
+        if info["sessions_done"] and not info["bad"]:
+            info["usable"] = True
         infos.append(info)
+    if not any(info.get("usable") for info in infos):
+        raise TablesError(
+            f"no usable {SESSIONS_FILE} under {', '.join(map(str, paths))} ({len(infos)} found, none with a "
+            "readable row):\n  " + "\n  ".join(messages)
+        )
     runs = pd.DataFrame(infos)
     done = runs["problem"] == ""
     incomplete = runs[~done].copy()
@@ -202,7 +588,11 @@ def load_results(paths: Iterable[str | Path]) -> Results:
         + ")"
     )
     runs = runs[~repeated].copy()
-    incomplete = pd.concat([incomplete, superseded], ignore_index=True)
+    runs, refused, group_messages = check_groups(runs.reset_index(drop=True))
+    messages += group_messages
+    incomplete = pd.concat([incomplete, superseded, refused], ignore_index=True)
+    for message in messages:
+        warn(message)
     runs["seed"] = runs["seed"].astype(int)
     runs = assign_variants(runs.reset_index(drop=True))
     sessions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -219,7 +609,94 @@ def load_results(paths: Iterable[str | Path]) -> Results:
         "num_sessions",
         "reason",
     ]
-    return Results(runs, sessions.reset_index(drop=True), incomplete.reindex(columns=columns).reset_index(drop=True))
+    return Results(
+        runs, sessions.reset_index(drop=True), incomplete.reindex(columns=columns).reset_index(drop=True), messages
+    )
+
+
+_GROUP_COLUMNS = ["method", *SETTING, "num_sessions"]
+
+
+def _seed_keys(group: pd.DataFrame) -> set[str]:
+    """Config keys whose value is each run's own seed (they follow the seed, not the setting)."""
+    configs = [(c, str(s)) for c, s in zip(group["config"], group["seed"]) if isinstance(c, dict)]
+    if not configs:
+        return set()
+    return {k for k in configs[0][0] if all(c.get(k) == seed for c, seed in configs)}
+
+
+def _differences(group: pd.DataFrame, comparable: list[dict[str, str] | None]) -> list[str]:
+    """What differs between the runs of a group, as ``key: value (run dirs) vs value (run dirs)``."""
+    found = []
+    columns = {c: [str(v) for v in group[c]] for c in _GROUP_COLUMNS}
+    known = [c for c in comparable if c is not None]
+    keys = sorted(set().union(*known)) if known else []
+    columns |= {
+        k: [c.get(k, "<unset>") if c is not None else f"<no {CONFIG_FILE}>" for c in comparable]
+        for k in keys
+        if len({c.get(k, "<unset>") for c in known}) > 1
+    }
+    for key, values in columns.items():
+        if len(set(values)) < 2:
+            continue
+        where: dict[str, list[str]] = defaultdict(list)
+        for value, run_dir in zip(values, group["run_dir"]):
+            where[value].append(run_dir)
+        found.append(f"{key}: " + " vs ".join(f"{v} ({', '.join(d)})" for v, d in where.items()))
+    for seed, runs in group.groupby("seed", sort=False):
+        if len(runs) > 1:
+            times = "twice" if len(runs) == 2 else f"{len(runs)} times"
+            found.append(f"seed {seed} {times} ({', '.join(runs['run_dir'])})")
+    return found
+
+
+def check_groups(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Make sure each ``group_id`` holds runs of one configuration (module docstring): returns the runs
+    to tabulate (split groups get ``group_id`` ``<id>~1``, ``~2``...), the refused runs with ``reason``,
+    and the warnings."""
+    if runs.empty:
+        return runs, runs.assign(reason=pd.Series(dtype=str)), []
+    kept, refused, messages = [], [], []
+    for group_id, group in runs.groupby("group_id", sort=False):
+        group = group.sort_values("run_dir")  # a stable order for messages and parts
+        seed_keys = _seed_keys(group)
+        comparable = [
+            {k: v for k, v in c.items() if k not in seed_keys} if isinstance(c, dict) else None for c in group["config"]
+        ]
+        signatures = [None if c is None else tuple(sorted(c.items())) for c in comparable]
+        mixed = len(group[_GROUP_COLUMNS].drop_duplicates()) > 1 or len({s for s in signatures if s is not None}) > 1
+        if not mixed and not group["seed"].duplicated().any():
+            kept.append(group)
+            continue
+        differences = "; ".join(_differences(group, comparable))
+        parts = [group[[s == signature for s in signatures]] for signature in dict.fromkeys(signatures)]
+        splittable = (
+            None not in signatures
+            and len(parts) > 1
+            and all(len(p[_GROUP_COLUMNS].drop_duplicates()) == 1 and not p["seed"].duplicated().any() for p in parts)
+        )
+        if splittable:
+            for k, part in enumerate(parts, 1):
+                kept.append(part.assign(group_id=f"{group_id}~{k}"))
+            messages.append(
+                f"group_id {group_id} holds runs of {len(parts)} configurations ({differences}): split into "
+                f"{len(parts)} rows named by the differing values"
+            )
+            continue
+        if None in signatures:
+            why = f"some runs have no readable {CONFIG_FILE} to tell them apart"
+        elif len(parts) == 1 and group["seed"].duplicated().any():
+            why = "a seed appears in more than one run"
+        elif len(parts) == 1:
+            why = f"their {CONFIG_FILE} files are the same, so the rows cannot be told apart"
+        else:
+            why = f"even runs with the same {CONFIG_FILE} differ or repeat a seed"
+        reason = f"refused: group_id {group_id} mixes configurations ({differences}); {why}"
+        refused.append(group.assign(reason=reason))
+        messages.append(f"group_id {group_id} is not averaged ({differences}): {why}")
+    keep = pd.concat(kept, ignore_index=True) if kept else runs.iloc[:0]
+    out = pd.concat(refused, ignore_index=True) if refused else runs.iloc[:0].assign(reason=pd.Series(dtype=str))
+    return keep, out, messages
 
 
 def assign_variants(runs: pd.DataFrame) -> pd.DataFrame:
@@ -236,14 +713,19 @@ def assign_variants(runs: pd.DataFrame) -> pd.DataFrame:
         known = [c for c in configs.values() if c is not None]
         keys = sorted(set().union(*known)) if known else []
         differing = [k for k in keys if len({c.get(k, "<unset>") for c in known}) > 1]
+        labels = {}
         for group_id, config in configs.items():
             if config is None:
-                label = f"group {group_id} (no {CONFIG_FILE})"
+                labels[group_id] = f"group {group_id} (no {CONFIG_FILE})"
             elif not differing:
-                label = f"group {group_id}"
+                labels[group_id] = f"group {group_id}"
             else:
-                label = ", ".join(f"{k}={config.get(k, '<unset>')}" for k in differing)
-            runs.loc[runs["group_id"] == group_id, "variant"] = label
+                labels[group_id] = ", ".join(f"{k}={config.get(k, '<unset>')}" for k in differing)
+        repeated = {label for label, n in Counter(labels.values()).items() if n > 1}
+        for group_id, label in labels.items():  # two groups with equal configs: still two rows, never one cell
+            runs.loc[runs["group_id"] == group_id, "variant"] = (
+                f"{label}, group {group_id}" if label in repeated else label
+            )
     return runs
 
 

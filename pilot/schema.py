@@ -1,0 +1,491 @@
+"""Typed configuration: what each config value may be, and the check that runs before anything is built.
+
+How a signature becomes checks
+------------------------------
+A config node such as ``{_target_: pilot.learners.l2p.L2P, epochs: 5, optimizer: {...}}`` is checked
+against the parameters of ``L2P.__init__``:
+
+* every key must be one of its parameters (a typo is reported with the list of valid ones);
+* every value must fit the parameter's annotation. Ranges are part of the annotation, through the
+  aliases defined below: ``epochs: PositiveInt`` allows integers >= 1, ``precision: Literal["bf16",
+  "fp32"]`` those two strings, ``cpu_threads: PositiveInt | None`` also null. pydantic checks the value
+  in strict mode (``"5"`` is not 5, ``true`` is not 1) and :func:`describe` words the annotation for
+  the error message;
+* a parameter annotated with something that is not plain data (a class such as ``Backbone``, or a
+  ``Callable`` such as ``OptimizerFactory``) takes a nested ``_target_`` node, checked in the same
+  way, or null where the annotation allows ``None``.
+
+A new learner therefore gets its checks by annotating its constructor::
+
+    def __init__(self, backbone, scenario, runtime, optimizer: OptimizerFactory, epochs: PositiveInt = 10,
+                 mix: Probability = 0.5) -> None:
+
+Signatures are read from the target's source file (:mod:`ast`), without importing it: importing a
+learner loads torch and timm, which takes seconds, and a config mistake should be answered at once.
+Annotation names are looked up among this module's aliases, :mod:`typing` and the builtins; any
+other name (``Backbone``, ``OptimizerFactory``, ``torch.device``) counts as "an object".
+
+Callables whose own signature we cannot annotate (torch's optimizers and schedulers, which have no
+range information, and a few classes owned elsewhere) get a stand-in signature in
+:data:`STAND_INS`: a stub function with the same parameter names, annotated here. A key that a
+stand-in does not list is looked up in the real signature (which imports it).
+"""
+
+from __future__ import annotations
+
+import ast
+import collections.abc
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, Union
+
+from annotated_types import Ge, Gt, Le, Len, Lt
+
+from pilot.errors import ConfigError
+
+
+# ------------------------------------------------------------------------------ the vocabulary
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A constraint that :mod:`annotated_types` has no word for: ``test(value)`` must be true.
+
+    ``says`` is how error messages word it: appended to the type's description (``"an integer >= 2,
+    even"``), or in place of it when ``whole`` is true (``"auto, cpu, cuda or cuda:N"``).
+    """
+
+    says: str
+    test: Callable[[Any], bool]
+    whole: bool = False
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        def validate(value: Any) -> Any:
+            if not self.test(value):
+                raise ValueError(self.says)
+            return value
+
+        return core_schema.no_info_after_validator_function(validate, handler(source))
+
+
+def _is_device(value: str) -> bool:
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+
+
+# Annotations for the parameters of what configs build. Each is a type plus its allowed range, e.g.
+# ``epochs: PositiveInt``; combine them as usual: ``PositiveInt | None``, ``Sequence[NonNegativeInt]``.
+PositiveInt = Annotated[int, Ge(1)]
+NonNegativeInt = Annotated[int, Ge(0)]
+EvenPositiveInt = Annotated[int, Ge(2), Check("even", lambda v: v % 2 == 0)]
+ClassCount = Annotated[int, Ge(2)]
+Seed = Annotated[int, Ge(0), Lt(2**32)]  # numpy's seed range
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+Probability = Annotated[float, Ge(0), Le(1)]
+NonEmptyStr = Annotated[str, Check("a non-empty string", bool, whole=True)]
+Device = Annotated[str, Check("one of auto, cpu, cuda, cuda:N (N: a GPU index)", _is_device, whole=True)]
+Precision = Literal["bf16", "fp32"]
+ClassOrder = Literal["shuffle", "natural"] | Sequence[NonNegativeInt]
+ChannelMeans = Annotated[
+    Sequence[float], Check("a list of 1 or 3 numbers (one per colour channel)", lambda v: len(v) in (1, 3), whole=True)
+]
+ChannelStds = Annotated[
+    Sequence[PositiveFloat],
+    Check("a list of 1 or 3 numbers > 0 (one per colour channel)", lambda v: len(v) in (1, 3), whole=True),
+]
+Betas = Annotated[Sequence[Annotated[float, Ge(0), Lt(1)]], Len(2, 2)]
+_increasing = Check("in increasing order", lambda v: v[0] <= v[1])
+ScaleRange = Annotated[Sequence[Annotated[float, Gt(0), Le(1)]], Len(2, 2), _increasing]
+RatioRange = Annotated[Sequence[PositiveFloat], Len(2, 2), _increasing]
+
+
+# --------------------------------------------------------------------------- stand-in signatures
+def _adam(
+    lr: PositiveFloat = 1e-3,
+    betas: Betas = (0.9, 0.999),
+    eps: PositiveFloat = 1e-8,
+    weight_decay: NonNegativeFloat = 0.0,
+    amsgrad: bool = False,
+) -> None:
+    """torch.optim.Adam (``params`` comes from the learner)."""
+
+
+def _sgd(
+    lr: PositiveFloat = 1e-3,
+    momentum: NonNegativeFloat = 0.0,
+    dampening: NonNegativeFloat = 0.0,
+    weight_decay: NonNegativeFloat = 0.0,
+    nesterov: bool = False,
+) -> None:
+    """torch.optim.SGD (``params`` comes from the learner)."""
+
+
+def _multistep_lr(milestones: Sequence[NonNegativeInt], gamma: PositiveFloat = 0.1) -> None:
+    """torch.optim.lr_scheduler.MultiStepLR (``optimizer`` comes from the learner)."""
+
+
+def _cosine_annealing_lr(T_max: NonNegativeInt, eta_min: NonNegativeFloat = 0.0) -> None:  # noqa: N803 - torch's name
+    """torch.optim.lr_scheduler.CosineAnnealingLR (``optimizer`` comes from the learner).
+
+    ``T_max`` may be 0: the configs set it to the epochs of its learner (``${method.ca_epochs}``),
+    and ``ca_epochs=0`` (SLCA without classifier alignment) never builds the scheduler."""
+
+
+def _image_transforms(
+    size: PositiveInt,
+    mean: ChannelMeans | None = None,
+    std: ChannelStds | None = None,
+    train_scale: ScaleRange = (0.05, 1.0),
+    train_ratio: RatioRange = (3 / 4, 4 / 3),
+    hflip_prob: Probability = 0.5,
+    test_crop_pct: Annotated[float, Gt(0), Le(1)] = 0.875,
+    test_interpolation: Literal["bicubic", "bilinear"] = "bicubic",
+) -> None:
+    """pilot.data.transforms.ImageTransforms."""
+
+
+def _efficientnet_lite0(
+    pretrained: bool = True,
+    checkpoint: str | None = None,
+    input_size: PositiveInt = 224,
+    mean: ChannelMeans | None = (0.5, 0.5, 0.5),
+    std: ChannelStds | None = (0.5, 0.5, 0.5),
+) -> None:
+    """pilot.backbones.efficientnet_lite0.create_efficientnet_lite0."""
+
+
+def _csv_sink(float_format: NonEmptyStr = "%.4f") -> None:
+    """pilot.sinks.csv.CsvSink."""
+
+
+def _wandb_sink(
+    mode: Literal["offline", "online", "disabled"] = "offline",
+    project: NonEmptyStr = "pilot",
+    entity: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> None:
+    """pilot.sinks.wandb.WandbSink."""
+
+
+STAND_INS: dict[str, Callable[..., None]] = {
+    "torch.optim.Adam": _adam,
+    "torch.optim.SGD": _sgd,
+    "torch.optim.lr_scheduler.MultiStepLR": _multistep_lr,
+    "torch.optim.lr_scheduler.CosineAnnealingLR": _cosine_annealing_lr,
+    "pilot.data.transforms.ImageTransforms": _image_transforms,
+    "pilot.backbones.efficientnet_lite0.create_efficientnet_lite0": _efficientnet_lite0,
+    "pilot.sinks.csv.CsvSink": _csv_sink,
+    "pilot.sinks.wandb.WandbSink": _wandb_sink,
+}
+
+# The run's own settings (not instantiated): dotted key -> (type, default).
+TOP_LEVEL: dict[str, tuple[Any, Any]] = {
+    "seed": (Seed, 1993),
+    "resume": (bool, False),
+    "overwrite": (bool, False),
+    "debug.stop_after_session": (NonNegativeInt | None, None),
+    "paths.data_dir": (NonEmptyStr, "data"),
+    "paths.results_dir": (NonEmptyStr, "results"),
+}
+
+
+# ------------------------------------------------------------------------------ signatures
+REQUIRED = inspect.Parameter.empty
+UNKNOWN = object()  # a default that is not a literal (e.g. ``partial(SGD, ...)``)
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    type: Any = Any  # the annotation; Any when there is none (then nothing is checked)
+    default: Any = REQUIRED
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    params: dict[str, Param]
+    open: bool = False  # takes **kwargs: any key is accepted
+
+
+class _ObjectMeta(type):
+    def __getattr__(cls, name: str) -> type:
+        return cls
+
+    def __getitem__(cls, item: Any) -> type:
+        return cls
+
+
+class AnObject(metaclass=_ObjectMeta):
+    """Stands for an annotation name this module does not know (``Backbone``, ``torch.device``...)."""
+
+
+class _Names(dict):
+    """Names for evaluating annotation strings: ours and typing's, and :class:`AnObject` for any other."""
+
+    def __missing__(self, key: str) -> Any:
+        return AnObject
+
+
+@functools.cache
+def _annotation_names() -> _Names:
+    names = _Names({name: getattr(typing, name) for name in typing.__all__})
+    names.update({t.__name__: t for t in (int, float, str, bool, list, dict, tuple, set, type, object)})
+    names.update({k: v for k, v in globals().items() if not k.startswith("_")})
+    return names
+
+
+def _evaluate(annotation: str) -> Any:
+    try:
+        return eval(annotation, {"__builtins__": {}}, _annotation_names())  # noqa: S307 - source we ship
+    except Exception:  # noqa: BLE001 - an unreadable annotation is left unchecked
+        return Any
+
+
+def _literal(node: ast.expr | None) -> Any:
+    if node is None:
+        return REQUIRED
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError):
+        return UNKNOWN
+
+
+def _signature_from_source(target: str) -> Signature | None:
+    """The signature of ``target`` read from its module's source, or None where that does not work
+    (no such module or name, a C extension, a class without its own ``__init__``)."""
+    module, _, name = target.rpartition(".")
+    try:
+        spec = importlib.util.find_spec(module)  # imports the parent packages only
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    found = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
+    if isinstance(found, ast.ClassDef):
+        found = next((n for n in found.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if found is None:
+        return None
+    args = found.args
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    pairs = list(zip(positional, defaults)) + list(zip(args.kwonlyargs, args.kw_defaults))
+    params = {
+        arg.arg: Param(arg.arg, _evaluate(ast.unparse(arg.annotation)) if arg.annotation else Any, _literal(default))
+        for arg, default in pairs
+        if arg.arg not in ("self", "cls")
+    }
+    return Signature(params, open=args.kwarg is not None)
+
+
+def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
+    """The signature of an imported callable, with its annotations evaluated (Any where they fail).
+    For a class, that of its ``__init__`` (a metaclass ``__call__`` would hide it from ``inspect``)."""
+    function = fn.__init__ if isinstance(fn, type) else fn
+    try:
+        hints = typing.get_type_hints(function, include_extras=True)
+    except Exception:  # noqa: BLE001 - foreign annotations we cannot evaluate are left unchecked
+        hints = {}
+    parameters = list(inspect.signature(function).parameters.values())
+    if isinstance(fn, type):
+        parameters = parameters[1:]  # self
+    params, is_open = {}, False
+    for p in parameters:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            is_open = True
+        elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
+            params[p.name] = Param(p.name, hints.get(p.name, Any), p.default)
+    return Signature(params, open=is_open)
+
+
+@functools.cache
+def signature_of(target: str) -> Signature:
+    """The parameters of ``target``: from its source if possible, else by importing it."""
+    found = _signature_from_source(target)
+    if found is not None:
+        return found
+    from hydra.utils import get_object
+
+    return _signature_of_callable(get_object(target))
+
+
+def _signature_for(target: str, keys: list[str]) -> Signature:
+    """The stand-in of ``target`` when it lists every key of the node, else the real signature with
+    the stand-in's annotations over it."""
+    stand_in = STAND_INS.get(target)
+    if stand_in is None:
+        return signature_of(target)
+    own = _signature_of_callable(stand_in)
+    if all(k in own.params for k in keys):
+        return own
+    real = signature_of(target)
+    return Signature({**real.params, **own.params}, real.open)
+
+
+# ------------------------------------------------------------------------------------ checks
+def check_node(path: str, node: Any, injected: frozenset[str] | set[str] = frozenset()) -> None:
+    """Check a resolved config node (plain dicts and lists) with a ``_target_``: its keys, its values,
+    and its nested ``_target_`` nodes. ``injected``: parameters the run loop passes itself."""
+    if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+        raise ConfigError(f"config '{path}' must be a mapping with a _target_ (got {type(node).__name__})")
+    target = node["_target_"]
+    keys = [str(k) for k in node if not str(k).startswith("_")]
+    try:
+        signature = _signature_for(target, keys)
+    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"{path}._target_={target} cannot be imported: {err}") from err
+    settable = sorted(name for name in signature.params if name not in injected)
+    for key in keys:
+        if key in injected:
+            raise ConfigError(f"{path}.{key} is passed by the run itself and cannot be set in the config.")
+        if key not in signature.params:
+            if signature.open:
+                continue
+            raise ConfigError(f"{path}.{key} is not a parameter of {target}. Its parameters are: {', '.join(settable)}")
+        check_value(f"{path}.{key}", node[key], signature.params[key])
+    if not node.get("_partial_") and "_args_" not in node:
+        missing = [name for name in settable if signature.params[name].default is REQUIRED and name not in node]
+        if missing:
+            raise ConfigError(f"{path}.{missing[0]} is not set, and {target} needs it ({path}.{missing[0]}=<value>).")
+
+
+def check_value(path: str, value: Any, param: Param) -> None:
+    """Check one value against ``param``'s annotation (a nested ``_target_`` node against its own)."""
+    if isinstance(value, dict) and "_target_" in value:
+        check_node(path, value)
+        return
+    if takes_objects(param.type):
+        if value is None and allows_none(param.type):
+            return
+        either = "null or " if allows_none(param.type) else ""
+        raise ConfigError(
+            f"{path}={show(value)} is not allowed: it must be {either}a config node with a _target_ "
+            f"(the class or function to build, as the files in configs/ show)."
+        )
+    if not is_valid(param.type, value):
+        raise ConfigError(bad_value_message(path, value, param.type, param.default))
+
+
+def bad_value_message(path: str, value: Any, annotation: Any, default: Any = REQUIRED) -> str:
+    """``"method.epochs=0 is not allowed: it must be an integer >= 1 (e.g. method.epochs=5)."``"""
+    text = f"{path}={show(value)} is not allowed: it must be {describe(annotation)}"
+    if default is not REQUIRED and default is not UNKNOWN and default is not None and _wants_example(annotation):
+        if is_valid(annotation, default):
+            text += f" (e.g. {path}={show(default)})"
+    return text + "."
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(annotation: Any) -> Any:
+    from pydantic import ConfigDict, TypeAdapter
+
+    return TypeAdapter(annotation, config=ConfigDict(strict=True, allow_inf_nan=False))
+
+
+def is_valid(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` fits ``annotation`` (strict: no conversions). Unsupported annotations pass."""
+    from pydantic import ValidationError
+
+    try:
+        adapter = _adapter(annotation)
+    except Exception:  # noqa: BLE001 - pydantic cannot check it (tests/test_config_schema.py keeps ours checkable)
+        return True
+    try:
+        adapter.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+_PLAIN = (int, float, str, bool, type(None), list, tuple, dict, set, collections.abc.Sequence, collections.abc.Mapping)
+
+
+def takes_objects(annotation: Any) -> bool:
+    """True when the annotation names something a YAML value cannot be: a class that is not plain data
+    (``Backbone``, :class:`AnObject`) or a ``Callable``."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return takes_objects(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return False
+    if origin is collections.abc.Callable:
+        return True
+    if origin is not None:
+        return any(takes_objects(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    return annotation is not Any and annotation not in _PLAIN
+
+
+def allows_none(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+# --------------------------------------------------------------------------- words for messages
+_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+_BOUNDS = {Ge: (">=", "ge"), Gt: (">", "gt"), Le: ("<=", "le"), Lt: ("<", "lt")}
+
+
+def describe(annotation: Any, plural: bool = False) -> str:
+    """The values ``annotation`` allows, in words: ``Annotated[int, Ge(1)]`` -> ``"an integer >= 1"``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _describe_annotated(args[0], args[1:], plural)
+    if origin is Literal:
+        return "one of " + ", ".join(show(a) for a in args)
+    if origin in (Union, types.UnionType):
+        options = [describe(a, plural) for a in args if a is not type(None)]
+        return ", or ".join(options) + (", or null" if type(None) in args else "")
+    if origin in (list, tuple, collections.abc.Sequence):
+        return "a list of " + describe(args[0], plural=True) if args else "a list"
+    if annotation is dict or origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    if annotation is bool:
+        return "true or false"
+    if annotation in _NOUNS:
+        return _NOUNS[annotation][plural]
+    return "a value" if annotation is Any else getattr(annotation, "__name__", str(annotation))
+
+
+def _describe_annotated(base: Any, metadata: tuple[Any, ...], plural: bool) -> str:
+    checks = [m for m in metadata if isinstance(m, Check)]
+    whole = next((c.says for c in checks if c.whole), None)
+    if whole is not None:
+        return whole
+    text = describe(base, plural)
+    length = next((m for m in metadata if isinstance(m, Len)), None)
+    if length is not None and length.min_length == length.max_length and text.startswith("a list of "):
+        text = f"a list of {length.min_length} {text.removeprefix('a list of ')}"
+    bounds = [f"{_BOUNDS[type(m)][0]} {show(getattr(m, _BOUNDS[type(m)][1]))}" for m in metadata if type(m) in _BOUNDS]
+    if bounds:
+        text += " " + " and ".join(bounds)
+    return ", ".join([text] + [c.says for c in checks])
+
+
+def _wants_example(annotation: Any) -> bool:
+    """An example helps for numbers and lists, not where the allowed values are already listed."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return not any(isinstance(m, Check) and m.whole for m in args[1:]) and _wants_example(args[0])
+    if origin in (Union, types.UnionType):
+        return all(_wants_example(a) for a in args if a is not type(None))
+    return origin is not Literal and annotation is not bool
+
+
+def show(value: Any) -> str:
+    """``value`` as it is written on the command line: ``null``, ``true``, ``[0.9,0.1]``, ``fast``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value and value == value.strip() else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
