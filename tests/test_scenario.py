@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pilot.data.scenario import make_class_order, make_scenario, make_session_sizes
+from pilot.data.scenario import Scenario, make_class_order, make_scenario, make_session_sizes
 from pilot.errors import ConfigError
 
 CIFAR100_SEED1993 = [
@@ -70,3 +70,8 @@ def test_labels_are_remapped_so_sessions_are_contiguous():
     assert sc.name == "B4Inc3"
     assert make_scenario(100, 10, 10).name == "B0Inc10"
     assert make_scenario(100, 50, 10).name == "B50Inc10"
+    # The label is the real split: a smaller last session shows, one session says so.
+    assert make_scenario(95, 10, 10).name == "B0Inc10r5"
+    assert make_scenario(23, 5, 5).name == "B0Inc5r3"
+    assert make_scenario(10, 10, 10).name == "B10Inc0"
+    assert Scenario(tuple(range(9)), (4, 2, 3)).name == "S4-2-3"

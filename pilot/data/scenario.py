@@ -178,11 +178,20 @@ class Scenario:
 
     @property
     def name(self) -> str:
-        """``B{init}Inc{increment}`` with B0 when the first session is as large as the others."""
-        first = self.sizes[0]
-        inc = self.sizes[1] if len(self.sizes) > 1 else first
+        """The split as a label, read off the real session sizes: ``B{base}Inc{increment}``, base 0
+        when the first session is as large as the others; ``r{n}`` appended when the last session
+        holds a smaller remainder of ``n`` classes (``[10] * 9 + [5]`` -> ``B0Inc10r5``); ``Inc0`` for
+        a single session; any other list of sizes is spelled out (``S4-2-3``)."""
+        first, rest = self.sizes[0], self.sizes[1:]
+        if not rest:
+            return f"B{first}Inc0"
+        inc = rest[0]
         base = 0 if first == inc else first
-        return f"B{base}Inc{inc}"
+        if all(size == inc for size in rest):
+            return f"B{base}Inc{inc}"
+        if len(rest) > 1 and all(size == inc for size in rest[:-1]) and rest[-1] < inc:
+            return f"B{base}Inc{inc}r{rest[-1]}"
+        return "S" + "-".join(str(size) for size in self.sizes)
 
 
 def make_scenario(
