@@ -176,9 +176,10 @@ def test_slca_statistics_pass_runs_in_fp32_in_a_bf16_run(bf16_on_cpu):
         runtime.precision = precision
         learner = SLCA(tiny_vit(), scenario, runtime, epochs=0, ca_epochs=0)
         fit(learner, pipeline, scenario.sessions[0])
-        stats[precision] = (learner.stats.means.clone(), learner.stats.covs.clone())
-        assert learner.predict(next(iter(pipeline.batches(TEST, range(2), 8)))).dtype == torch.float32
-    torch.testing.assert_close(stats["bf16"], stats["fp32"], rtol=0, atol=0)
+        logits = learner.predict(next(iter(pipeline.batches(TEST, range(2), 8))))
+        stats[precision] = (learner.stats.means.clone(), learner.stats.covs.clone(), logits)
+        assert logits.dtype == torch.float32
+    torch.testing.assert_close(stats["bf16"], stats["fp32"], rtol=0, atol=0)  # statistics and test logits
 
     # The same pass under autocast: features within 2% (bf16 matmuls through 6 blocks), and the
     # covariances it would give off by a measurable amount.

@@ -202,6 +202,7 @@ class SLCA(Learner):
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
-        with self.runtime.autocast():
-            feats = self.runtime.chunked(self.backbone, batch.images)
+        # float32 like the statistics pass: the aligned heads were fitted to float32 features
+        # (pilot/modules/precision.py; one eval pass per session, a few % of SLCA's time).
+        feats = self.runtime.chunked(self.backbone, batch.images)
         return F.linear(feats.float(), self.aligned_weight, self.aligned_bias)

@@ -10,8 +10,9 @@ rounding, and class covariances pick up the rounding noise of every feature. The
 * classifier heads and logits (:class:`FP32Linear`, ``CosineLinear``, EASE's ensemble);
 * class means, covariances, their Cholesky factors and the samples drawn from them (float64 /
   float32, ``modules/gaussian.py``), classifier alignment and its logit normalisation;
-* SLCA's class-statistics pass runs the backbone itself in float32 (covariances are the most
-  sensitive statistic; the pass costs one forward over the new classes' images per session);
+* SLCA's class-statistics pass and its evaluation pass run the backbone itself in float32: the
+  covariances are the most sensitive statistic, and the heads aligned on them then see test features
+  of the same precision (each pass is one forward over a session's images: a few % of SLCA's time);
 * prompt selection scores, CODA's component weights and Gram-Schmidt (float64) (``modules/prompts.py``).
 
 All of this costs little: heads and statistics are tiny next to the backbone.
