@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -37,6 +38,41 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("per_dataset", per_dataset)
 
 
+class PluginConfigs(SearchPathPlugin):
+    """Hydra search-path plugin: after pilot's own ``configs/``, the config folders that installed
+    packages declare as ``pilot.configs`` entry points (:func:`pilot.registry.config_dirs`), so that
+    ``+method=NAME`` finds a plugin's ``method/NAME.yaml``. pilot's files come first: a plugin cannot
+    replace them. Registered with Hydra by :func:`use_plugin_configs`, for ``@hydra.main`` and
+    :func:`compose_config` alike."""
+
+    def manipulate_search_path(self, search_path: Any) -> None:
+        for label, folder in plugin_config_dirs(skip_broken=True):  # validate_config names what is broken
+            search_path.append(provider=f"pilot-plugin {label}", path=f"file://{folder}")
+
+
+def use_plugin_configs() -> None:
+    """Register :class:`PluginConfigs` with Hydra (idempotent). Runs when this module is imported,
+    before ``pilot.train``'s ``@hydra.main`` or :func:`compose_config` builds a search path."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(PluginConfigs)
+
+
+use_plugin_configs()
+
+
+def plugin_config_dirs(skip_broken: bool = False) -> list[tuple[str, Path]]:
+    """``(label, folder)`` of the config folders of installed plugins (none without plugins)."""
+    from pilot.registry import config_dirs
+
+    return config_dirs(skip_broken)
+
+
+def config_roots(skip_broken: bool = False) -> list[Path]:
+    """Every folder Hydra composes from, in search order: pilot's ``configs/``, then the plugins'."""
+    return [CONFIG_DIR, *(folder for _, folder in plugin_config_dirs(skip_broken))]
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose ``configs/train.yaml`` with command-line style ``overrides`` outside ``@hydra.main``
     (tests, benchmarks, notebooks), register it as the current Hydra config so that ``${hydra:...}``
@@ -45,6 +81,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
+    use_plugin_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -75,9 +112,10 @@ def command_line_keys(overrides: Sequence[str]) -> set[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     keys = set()
+    roots = config_roots(skip_broken=True)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if key.startswith("hydra") or (CONFIG_DIR / key).is_dir():
+        if key.startswith("hydra") or any((root / key).is_dir() for root in roots):
             continue
         keys.add(key)
     return keys
@@ -104,7 +142,14 @@ def apply_method_presets(cfg: DictConfig, method: str | None, overrides: Sequenc
 
 
 def available_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    """The options of config ``group``: for ``method``, the registered learners (built in and from
+    plugins, :mod:`pilot.registry`); for the other groups, the YAML files of pilot's ``configs/<group>/``
+    and of the plugins' config folders."""
+    if group == "method":
+        from pilot.registry import learner_names
+
+        return learner_names()
+    return sorted({p.stem for root in config_roots(skip_broken=True) for p in (root / group).glob("*.yaml")})
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -118,7 +163,9 @@ def validate_config(cfg: DictConfig) -> None:
     makes it import that target).
     """
     from pilot import schema  # here, not at the top: importing pilot.config stays cheap
+    from pilot.registry import check_registry
 
+    check_registry()  # a method name with two classes, or a broken plugin: refused before anything runs
     if "method" not in cfg or cfg.method is None:
         raise ConfigError(f"No method chosen. Add +method=NAME, one of: {', '.join(available_options('method'))}")
     missing = sorted(OmegaConf.missing_keys(cfg))

@@ -6,31 +6,41 @@ Everything is built from the config with ``hydra.utils.instantiate``; a finished
 disk (CSV rows and a checkpoint) before the next one starts, and ``resume=true`` in the same run
 directory continues after the last finished session. The run directory is locked while a run
 writes it and is never written over by accident (see :mod:`pilot.rundir`).
+
+Every row also says what the numbers rest on: ``data_hash`` (the images and labels), ``weights_hash``
+(the backbone's starting weights), both hashed once when they are built, and ``eval_protocol``
+(whether the learner's test predictions depend on the batch, and whether test batches are
+class-sorted or shuffled). With ``scenario.val_fraction`` the run also scores the held-out
+validation images of the seen classes after each session (``acc_val``, ``acc_val_avg``), which is
+what ``pilot.tables --select-by`` chooses hyperparameters with.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pilot.backbones.factory import weights_hash
 from pilot.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from pilot.config import build, ensure_writable_dir, validate_config
 from pilot.data.images import ClassificationData
-from pilot.data.pipeline import TEST, DataPipeline
+from pilot.data.pipeline import TEST, VAL, DataPipeline
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError, ResumeError
 from pilot.eval.evaluator import Evaluator
 from pilot.learners.base import Learner
-from pilot.run_info import config_hash, make_run_info
+from pilot.run_info import config_hash, data_hash, eval_protocol, make_run_info
 from pilot.rundir import (
     CHECKPOINT_FILE,
     RunDirLock,
@@ -43,10 +53,11 @@ from pilot.rundir import (
     task_overrides,
 )
 from pilot.runtime import Runtime
-from pilot.sinks.base import Sink
+from pilot.sinks.base import Sink, epoch_hook
 from pilot.sinks.csv import CsvSink
 
 log = logging.getLogger(__name__)
+RANDOM_INIT = "random-init"  # weights_hash of a backbone built without pretrained weights
 SUMMARY_COLUMNS = ["session", "n_seen", "acc", "acc_old", "acc_new", "acc_avg", "forgetting", "wall_time_s"]
 
 
@@ -65,11 +76,15 @@ class RunData:
 
 @dataclass
 class RunModel:
-    """The second half: the learner on its backbone, the input pipeline and the evaluator."""
+    """The second half: the learner on its backbone, the input pipeline, the evaluator of the test
+    images, that of the validation images (None without ``scenario.val_fraction``), and the hash of
+    the backbone's weights as built (before any training)."""
 
     learner: Learner
     pipeline: DataPipeline
     evaluator: Evaluator
+    val_evaluator: Evaluator | None = None
+    weights_hash: str | None = None
 
 
 def build_data(cfg: DictConfig) -> RunData:
@@ -84,6 +99,11 @@ def build_data(cfg: DictConfig) -> RunData:
 def build_model(cfg: DictConfig, parts: RunData) -> RunModel:
     """Load the backbone's weights and build the learner (which checks it can use that backbone)."""
     backbone = build(cfg.backbone)
+    start = time.perf_counter()
+    # Random weights (backbone.pretrained=false, tests) follow the run seed: a hash would tell the seeds
+    # of one setting apart, so they are named instead.
+    weights = weights_hash(backbone) if backbone.pretrained else RANDOM_INIT
+    log.debug("weights_hash %s in %.2fs", weights, time.perf_counter() - start)
     # A partial, then a plain call: instantiate() would turn dataclass arguments into DictConfigs.
     learner: Learner = build(cfg.method, _partial_=True)(
         backbone=backbone, scenario=parts.scenario, runtime=parts.runtime
@@ -91,8 +111,10 @@ def build_model(cfg: DictConfig, parts: RunData) -> RunModel:
     learner.to(parts.runtime.device)
     if parts.runtime.channels_last:
         learner.to(memory_format=torch.channels_last)
-    pipeline = DataPipeline(parts.data, parts.scenario, build(cfg.transforms), parts.runtime)
-    return RunModel(learner, pipeline, Evaluator(parts.scenario, parts.runtime.device))
+    pipeline = DataPipeline(parts.data, parts.scenario, build(cfg.transforms), parts.runtime, seed=int(cfg.seed))
+    device = parts.runtime.device
+    val_evaluator = Evaluator(parts.scenario, device, split=VAL) if pipeline.has_validation else None
+    return RunModel(learner, pipeline, Evaluator(parts.scenario, device), val_evaluator, weights)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
@@ -116,9 +138,16 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
     parts = build_data(cfg)
     runtime, scenario = parts.runtime, parts.scenario
     run_info = make_run_info(cfg, scenario.name, scenario.num_sessions)
+    start = time.perf_counter()
+    run_info["data_hash"] = data_hash(parts.data)
+    log.debug("data_hash %s in %.2fs", run_info["data_hash"], time.perf_counter() - start)
     progress.num_sessions = scenario.num_sessions
     model = build_model(cfg, parts)
-    learner, pipeline, evaluator = model.learner, model.pipeline, model.evaluator
+    learner, evaluator = model.learner, model.evaluator
+    run_info["weights_hash"] = model.weights_hash
+    run_info["eval_protocol"] = eval_protocol(learner.eval_protocol, scenario.shuffle_test)
+    if checkpoint is not None:
+        _check_same_inputs(checkpoint, run_info, run_dir)
     if overwrite:
         _clear_previous_results(run_dir)
     _save_run_description(run_dir, cfg, parts.data, scenario, run_info)
@@ -135,7 +164,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
         _log_start(run_info, scenario, learner, runtime, len(history))
         for info in scenario.sessions[len(history) :]:
             progress.current = info.index
-            record, matrix_rows = _run_session(learner, pipeline, evaluator, info, runtime, history)
+            runtime.on_epoch = epoch_hook(sinks, info.index)  # per-epoch loss and lr to the sinks
+            record, matrix_rows = _run_session(model, info, runtime, history)
             history.append((record, matrix_rows))
             for sink in sinks:
                 sink.write(record, matrix_rows)
@@ -146,8 +176,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
                     "sessions_done": info.index + 1,
                     "learner": learner.state_dict(),
                     "evaluator": evaluator.state_dict(),
+                    "val_evaluator": model.val_evaluator.state_dict() if model.val_evaluator else None,
                     "history": history,
                     "rng": rng_state(),
+                    "data_hash": run_info["data_hash"],
+                    "weights_hash": run_info["weights_hash"],
                 },
             )
             progress.saved = info.index + 1
@@ -157,6 +190,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
                 raise RunInterrupted(f"debug.stop_after_session={stop}: stopped after session {stop}")
         progress.current = None
     finally:
+        runtime.on_epoch = None
         summary = _final_summary(history)
         for sink in sinks:
             sink.close(summary)
@@ -167,8 +201,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
 
 
 def _run_session(
-    learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, info: SessionInfo, runtime: Runtime, history: list
+    model: RunModel, info: SessionInfo, runtime: Runtime, history: list
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    learner, pipeline, evaluator = model.learner, model.pipeline, model.evaluator
     runtime.reset_peak_memory()
     start = time.perf_counter()
     learner.train()
@@ -177,12 +212,18 @@ def _run_session(
     trained = time.perf_counter()
     learner.eval()
     evaluate(learner, pipeline, evaluator, info)
+    acc_val = math.nan
+    if model.val_evaluator is not None:
+        acc_val = evaluate(learner, pipeline, model.val_evaluator, info, split=VAL)["acc"]
     _synchronize(runtime)
     done = time.perf_counter()
     previous_elapsed = history[-1][0]["elapsed_s"] if history else 0.0
     record = evaluator.record(info.index)
+    earlier_val = [r.get("acc_val", math.nan) for r, _ in history]
     record.update(
         {
+            "acc_val": acc_val,
+            "acc_val_avg": float(np.mean(earlier_val + [acc_val])) if acc_val == acc_val else math.nan,
             "n_seen": info.total,
             "n_new": info.num_new,
             "train_time_s": trained - start,
@@ -199,12 +240,16 @@ def _run_session(
 
 
 @torch.inference_mode()
-def evaluate(learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, info: SessionInfo) -> dict[str, Any]:
-    """Top-1/top-5 of ``learner`` on the test data of every class seen after session ``info``,
-    class-sorted and unshuffled (as the reference evaluates), in batches of ``eval_batch_size``."""
+def evaluate(
+    learner: Learner, pipeline: DataPipeline, evaluator: Evaluator, info: SessionInfo, split: str = TEST
+) -> dict[str, Any]:
+    """Top-1/top-5 of ``learner`` on the ``split`` images (test, or the held-out validation images)
+    of every class seen after session ``info``, in batches of ``eval_batch_size``: class-sorted as the
+    reference evaluates, or in a seeded random order with ``scenario.shuffle_test``."""
     evaluator.start_session(info.index)
-    batches = pipeline.batches(TEST, range(0, info.total), learner.eval_batch_size)
-    for batch in learner.runtime.progress_bar(batches, desc=f"eval s{info.index}"):
+    batches = pipeline.eval_batches(split, range(0, info.total), learner.eval_batch_size)
+    desc = f"eval s{info.index}" if split == TEST else f"{split} s{info.index}"
+    for batch in learner.runtime.progress_bar(batches, desc=desc):
         logits = learner.predict(batch)
         if logits.shape != (len(batch), info.total):
             raise RuntimeError(
@@ -231,11 +276,27 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def _check_same_inputs(checkpoint: dict[str, Any], run_info: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume on other data or other starting weights than the checkpoint was made with
+    (same config, but the dataset files or the pretrained weights changed in between). Checkpoints
+    written before the hashes existed, and hashes that are unknown, are not compared."""
+    for key, what in (("data_hash", "dataset"), ("weights_hash", "backbone weights")):
+        before, now = checkpoint.get(key), run_info.get(key)
+        if before and now and before != now:
+            raise ResumeError(
+                f"The checkpoint in {run_dir} was made with other {what} ({key} {before}, now {now}): the run "
+                "would continue on different inputs. Restore the original files, or start afresh with "
+                "overwrite=true."
+            )
+
+
 def _restore(model: RunModel, checkpoint: dict[str, Any], runtime: Runtime) -> list:
-    """Put the learner, the evaluator and the RNGs back as they were; returns the finished sessions."""
+    """Put the learner, the evaluators and the RNGs back as they were; returns the finished sessions."""
     model.learner.restore(checkpoint["learner"], checkpoint["sessions_done"])
     model.learner.to(runtime.device)
     model.evaluator.load_state_dict(checkpoint["evaluator"])
+    if model.val_evaluator is not None and checkpoint.get("val_evaluator") is not None:
+        model.val_evaluator.load_state_dict(checkpoint["val_evaluator"])
     set_rng_state(checkpoint["rng"])
     return checkpoint["history"]
 
@@ -280,7 +341,7 @@ def _final_summary(history: list) -> dict[str, float]:
     if not history:
         return {}
     last = history[-1][0]
-    return {
+    summary = {
         "acc_last": last["acc"],
         "acc_avg": last["acc_avg"],
         "forgetting": last["forgetting"],
@@ -288,6 +349,9 @@ def _final_summary(history: list) -> dict[str, float]:
         "sessions": float(last["session"] + 1),
         "elapsed_s": last["elapsed_s"],
     }
+    if last.get("acc_val", math.nan) == last.get("acc_val"):  # a validation set was held out
+        summary.update(acc_val_last=last["acc_val"], acc_val_avg=last["acc_val_avg"])
+    return summary
 
 
 def _session_line(record: dict[str, Any], num_sessions: int) -> str:
@@ -298,7 +362,9 @@ def _session_line(record: dict[str, Any], num_sessions: int) -> str:
         f"session {record['session']} ({record['session'] + 1}/{num_sessions}) | classes {record['n_seen']:4d} | "
         f"acc {fmt(record['acc'])} | "
         f"old {fmt(record['acc_old'])} | new {fmt(record['acc_new'])} | avg {fmt(record['acc_avg'])} | "
-        f"forgetting {fmt(record['forgetting'])} | {record['wall_time_s']:.1f}s"
+        f"forgetting {fmt(record['forgetting'])} | "
+        + (f"val {fmt(record['acc_val'])} | " if record.get("acc_val", math.nan) == record.get("acc_val") else "")
+        + f"{record['wall_time_s']:.1f}s"
     )
 
 
@@ -319,6 +385,12 @@ def _log_start(run_info: dict[str, Any], scenario: Scenario, learner: Learner, r
         runtime.device,
         runtime.precision if runtime.is_cuda else "fp32",
         run_info["run_id"],
+    )
+    log.info(
+        "data_hash %s | weights_hash %s | eval %s",
+        run_info["data_hash"] or "unknown",
+        run_info["weights_hash"] or "unknown",
+        run_info["eval_protocol"],
     )
     if done:
         log.info("%d session(s) already finished; continuing with session %d", done, done)

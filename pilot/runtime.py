@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -34,6 +34,8 @@ class Runtime:
     channels_last: bool = True
     progress: bool = True
     cpu_inference_chunk: int | None = 32
+    # Set by the run loop for one session: called after every training epoch with (epoch, loss, lr).
+    on_epoch: Callable[[int, float, float], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_cuda(self) -> bool:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before torch loads OpenMP: idle threads sleep instead of spinning. On a busy 2-core machine
 # spinning threads make small tensor ops up to ~100x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Offline W&B stages tables and artifacts under the user's data dir until `wandb sync`: keep test
+# runs out of $HOME.
+os.environ.setdefault("WANDB_DATA_DIR", tempfile.mkdtemp(prefix="pilot-wandb-"))
 
 from pathlib import Path  # noqa: E402
 

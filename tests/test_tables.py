@@ -372,14 +372,14 @@ def test_curve_and_heatmap_plots(hand_results, tmp_path):
         with Image.open(out / f"{name}.png") as image:
             assert image.size == size
         svg = (out / f"{name}.svg").read_text()
-        assert "simplecil" in svg and "band: min–max over seeds" in svg and "classes seen" in svg
-    assert "ease [method.init_lr=0.1]" in (out / "curves_cifar100_vit_b16_in1k_B0Inc10.svg").read_text()
+        assert "SimpleCIL" in svg and "band: min–max over seeds" in svg and "classes seen" in svg
+    assert "EASE [method.init_lr=0.1]" in (out / "curves_cifar100_vit_b16_in1k_B0Inc10.svg").read_text()
     with Image.open(out / "heatmap_0_simplecil_cifar100_s1.png") as image:
         assert image.size == (990, 900)
     svg = (out / "heatmap_0_simplecil_cifar100_s1.svg").read_text()
     for value in ("90.0", "80.0", "70.0", "84.0", "87.0"):
         assert f">{value}<" in svg
-    assert "simplecil · cifar100 · B0Inc10 · seed 1" in svg
+    assert "SimpleCIL · CIFAR-100 · B0Inc10 · seed 1" in svg
     np.testing.assert_array_equal(np.isnan(tables.read_matrix(run)), np.triu(np.ones((3, 3), bool), 1))
 
 

@@ -9,6 +9,7 @@ seconds instead of after timm's retries.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -58,6 +59,23 @@ def create_timm_backbone(
         log.warning("backbone %s: pretrained=false, weights are randomly initialised", model_name)
         model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
     return Backbone(model, model_name, input_size, mean, std, pretrained=bool(checkpoint) or pretrained)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """First 12 hex digits of a SHA-256 over ``model``'s state dict (parameters and buffers), in
+    sorted key order: each entry's name, dtype and shape, then its raw bytes.
+
+    Two runs whose backbones hash alike started from the same weights. Every byte is hashed, not a
+    sample, because a subset would miss weights that differ only in a few places (a partial
+    fine-tune, a damaged file). The cost is SHA-256's: 0.9 to 1.6 s for ViT-B/16 (86 M float32
+    parameters, 343 MB) on one core of a busy 2-core x86 machine, once per run, when the backbone is
+    built (the run then spends minutes to hours); the tiny test ViT takes 7 ms."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:12]
 
 
 def _create_from_file(model_name: str, path: Path, kwargs: dict[str, Any], strict: bool) -> nn.Module:

@@ -3,10 +3,16 @@
 In-memory datasets are indexed directly (moved to the device once when ``runtime.data_on_device``)
 and transformed in whole batches on the device; image files are decoded and cropped by loader
 workers into uint8 tensors (pinned, persistent workers) and finished on the device.
+
+Three splits: ``train`` (what learners train and compute prototypes on), ``val`` (the training images
+held out by ``scenario.val_fraction``, never shown to a learner's training or prototype passes) and
+``test``. ``val`` shares the training images' storage and sample ids; only its membership differs.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -21,7 +27,34 @@ from pilot.data.transforms import ImageTransforms
 from pilot.errors import DatasetError
 from pilot.runtime import Runtime
 
-TRAIN, TEST = "train", "test"
+log = logging.getLogger(__name__)
+TRAIN, VAL, TEST = "train", "val", "test"
+_STORAGE = {TRAIN: TRAIN, VAL: TRAIN, TEST: TEST}  # the split whose images and labels a split reads
+_SHUFFLE_STREAM = 0x7E57  # seeds the shuffled evaluation order apart from the validation draw
+
+
+def holdout_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which samples (``True``) to hold out for validation: ``round(fraction * n_c)`` of each class's
+    ``n_c`` images, at least one and never all of them; none when ``fraction`` is 0.
+
+    Each class draws with its own generator, seeded by ``(seed, class id)``, so a class's held-out
+    images do not depend on the other classes, on the class order, or on the global RNGs."""
+    labels = np.asarray(labels)
+    mask = np.zeros(len(labels), dtype=bool)
+    if fraction <= 0:
+        return mask
+    order = np.argsort(labels, kind="stable")
+    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    for c, start, n in zip(classes.tolist(), starts.tolist(), counts.tolist()):
+        if n < 2:
+            raise DatasetError(
+                f"scenario.val_fraction={fraction}: class {c} has {n} training image, so none can be held out "
+                "for validation without leaving the class untrained. Use scenario.val_fraction=0 or add images."
+            )
+        n_val = min(max(1, math.floor(fraction * n + 0.5)), n - 1)
+        rng = np.random.default_rng([int(seed), int(c)])
+        mask[rng.choice(order[start : start + n], size=n_val, replace=False)] = True
+    return mask
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -179,23 +212,54 @@ class SessionData:
 
 
 class DataPipeline:
-    """Everything that turns a dataset and a scenario into device batches."""
+    """Everything that turns a dataset and a scenario into device batches.
+
+    ``seed`` (the run seed) draws the validation hold-out (``scenario.val_fraction``) and the order of
+    evaluation samples when ``scenario.shuffle_test`` is on; neither touches the global RNGs."""
 
     def __init__(
-        self, data: ClassificationData, scenario: Scenario, transforms: ImageTransforms, runtime: Runtime
+        self,
+        data: ClassificationData,
+        scenario: Scenario,
+        transforms: ImageTransforms,
+        runtime: Runtime,
+        seed: int = 0,
     ) -> None:
         self.data, self.scenario, self.transforms, self.runtime = data, scenario, transforms, runtime
-        self._labels = {TRAIN: scenario.remap(data.train.labels), TEST: scenario.remap(data.test.labels)}
-        # Stable sort by remapped label: samples of class 0, then class 1, ... (the reference order).
-        self._sorted = {s: np.argsort(y, kind="stable") for s, y in self._labels.items()}
-        self._bounds = {
-            s: np.searchsorted(y[self._sorted[s]], np.arange(scenario.num_classes + 1)) for s, y in self._labels.items()
+        self.seed = int(seed)
+        train_labels = scenario.remap(data.train.labels)
+        self._labels = {TRAIN: train_labels, VAL: train_labels, TEST: scenario.remap(data.test.labels)}
+        held_out = holdout_mask(data.train.labels, scenario.val_fraction, self.seed)
+        members = {
+            TRAIN: np.flatnonzero(~held_out),
+            VAL: np.flatnonzero(held_out),
+            TEST: np.arange(len(self._labels[TEST])),
         }
+        # Stable sort by remapped label: samples of class 0, then class 1, ... (the reference order).
+        self._sorted = {s: ids[np.argsort(self._labels[s][ids], kind="stable")] for s, ids in members.items()}
+        self._bounds = {
+            s: np.searchsorted(self._labels[s][ids], np.arange(scenario.num_classes + 1))
+            for s, ids in self._sorted.items()
+        }
+        self._eval_rank: dict[str, np.ndarray] = {}
         self._device_arrays: dict[str, torch.Tensor] = {}
         self._device_labels: dict[str, torch.Tensor] = {}
+        if self.has_validation:
+            log.info(
+                "validation: %d of %d training images held out (scenario.val_fraction=%g per class, seed %d)",
+                len(members[VAL]),
+                len(train_labels),
+                scenario.val_fraction,
+                self.seed,
+            )
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether ``scenario.val_fraction`` holds out a validation set."""
+        return len(self._sorted[VAL]) > 0
 
     def images(self, split: str) -> ArrayImages | FileImages:
-        return self.data.train if split == TRAIN else self.data.test
+        return self.data.train if _STORAGE[split] == TRAIN else self.data.test
 
     def labels(self, split: str) -> np.ndarray:
         """Remapped labels of every sample of ``split`` (indexed by sample id)."""
@@ -205,6 +269,18 @@ class DataPipeline:
         """Sample ids of ``split`` whose label is in ``classes``, class-sorted."""
         bounds = self._bounds[split]
         return self._sorted[split][bounds[classes.start] : bounds[classes.stop]]
+
+    def eval_batches(self, split: str, classes: range, batch_size: int) -> BatchStream:
+        """Evaluation batches (test transform) of ``split`` over ``classes``: class-sorted as the
+        reference evaluates, or, with ``scenario.shuffle_test``, in a seeded random order that is fixed
+        for the run (after every session the seen classes' samples come in the same relative order)."""
+        indices = self.indices(split, classes)
+        if self.scenario.shuffle_test:
+            if split not in self._eval_rank:
+                rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, list(_STORAGE).index(split)])
+                self._eval_rank[split] = rng.permutation(len(self._labels[split]))
+            indices = indices[np.argsort(self._eval_rank[split][indices], kind="stable")]
+        return BatchStream(self, split, indices, batch_size, augment=False, shuffle=False, drop_last=False)
 
     def batches(
         self,
@@ -228,6 +304,7 @@ class DataPipeline:
 
     def device_arrays(self, split: str) -> torch.Tensor:
         """The split's uint8 images, on the device when ``runtime.data_on_device`` (moved once)."""
+        split = _STORAGE[split]
         if split not in self._device_arrays:
             images = self.images(split).images
             if self.runtime.data_on_device and self.runtime.is_cuda:
@@ -236,6 +313,7 @@ class DataPipeline:
         return self._device_arrays[split]
 
     def device_labels(self, split: str) -> torch.Tensor:
+        split = _STORAGE[split]
         if split not in self._device_labels:
             self._device_labels[split] = torch.from_numpy(self._labels[split]).to(self.runtime.device)
         return self._device_labels[split]

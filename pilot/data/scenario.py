@@ -4,6 +4,12 @@ Follows the reference protocol (docs/methods.md §0.2): the class order is a num
 with the run seed (1993 by default), the natural order, or an explicit list; labels are remapped so
 that class ``order[i]`` becomes label ``i``; session ``t`` then holds the contiguous label range
 ``[known_t, known_t + size_t)``.
+
+Two evaluation settings travel with the scenario, because they define what the numbers of a run
+mean rather than how fast it runs: ``val_fraction``, the share of each class's training images held
+out as a validation set (the split itself is drawn by :class:`pilot.data.pipeline.DataPipeline`), and
+``shuffle_test``, whether test (and validation) images reach the learner in a seeded random order
+instead of class by class.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable, Sequence
+from typing import Annotated, Any, Iterable, Sequence
 
 import numpy as np
+from annotated_types import Ge, Lt
 
 from pilot.errors import ConfigError
 from pilot.schema import ClassOrder, PositiveInt, Seed
@@ -144,6 +151,8 @@ class Scenario:
 
     class_order: tuple[int, ...]
     sizes: tuple[int, ...]
+    val_fraction: float = 0.0  # share of each class's training images held out for validation
+    shuffle_test: bool = False  # evaluate on a seeded random order instead of class-sorted batches
 
     def __post_init__(self) -> None:
         if not self.sizes or min(self.sizes) < 1 or sum(self.sizes) != len(self.class_order):
@@ -151,6 +160,8 @@ class Scenario:
                 f"session sizes {list(self.sizes)} must be >= 1 each and add up to the {len(self.class_order)} "
                 "classes of the class order"
             )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"scenario.val_fraction={self.val_fraction} must be in [0, 1) (0: no validation set)")
 
     @property
     def num_classes(self) -> int:
@@ -200,7 +211,15 @@ def make_scenario(
     increment: PositiveInt,
     class_order: ClassOrder = "shuffle",
     order_seed: Seed = 1993,
+    val_fraction: Annotated[float, Ge(0), Lt(1)] = 0.0,
+    shuffle_test: bool = False,
 ) -> Scenario:
-    """Build a :class:`Scenario` from the ``scenario`` config group (``num_classes`` from the dataset)."""
+    """Build a :class:`Scenario` from the ``scenario`` config group (``num_classes`` from the dataset).
+
+    ``val_fraction``: hold out this share of every class's training images (at least one image per
+    class when > 0) as a validation set that learners never train on; 0 = no validation set.
+    ``shuffle_test``: evaluate on test images in a seeded random order (false: class-sorted, as the
+    reference does), so that batch-wise prompt voting no longer sees batches of one class."""
     order = make_class_order(num_classes, class_order, order_seed)
-    return Scenario(tuple(order), tuple(make_session_sizes(num_classes, init_cls, increment)))
+    sizes = make_session_sizes(num_classes, init_cls, increment)
+    return Scenario(tuple(order), tuple(sizes), float(val_fraction), bool(shuffle_test))

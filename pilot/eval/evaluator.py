@@ -1,7 +1,8 @@
 """Fills the accuracy matrix from predictions, one session row at a time, and derives the metrics.
 
 Counts are accumulated on the device with ``bincount`` (no host synchronisation per batch) and read
-back once per session.
+back once per session. The run keeps one evaluator for the test images and, with
+``scenario.val_fraction``, a second one for the held-out validation images (``split="val"``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ TOP_K = 5
 
 
 class Evaluator:
-    """Accuracy matrix ``R`` (percent) and top-5 accuracy per session for one scenario."""
+    """Accuracy matrix ``R`` (percent) and top-5 accuracy per session for one scenario, on the images
+    of ``split`` (``test`` or ``val``; it only names them in messages)."""
 
-    def __init__(self, scenario: Scenario, device: torch.device | str = "cpu") -> None:
+    def __init__(self, scenario: Scenario, device: torch.device | str = "cpu", split: str = "test") -> None:
+        self.split = split
         self.num_sessions = scenario.num_sessions
         self.session_of_label = torch.as_tensor(scenario.session_of_label, device=device)
         K = self.num_sessions
@@ -57,7 +60,9 @@ class Evaluator:
             raise RuntimeError("end_session() without start_session()")
         correct, seen = self._correct.cpu().numpy(), self._seen.cpu().numpy()
         if seen[: k + 1].min() == 0:
-            raise RuntimeError(f"session {k}: some session block had no test samples ({seen[: k + 1].tolist()})")
+            raise RuntimeError(
+                f"session {k}: some session block had no {self.split} samples ({seen[: k + 1].tolist()})"
+            )
         self.R[k, : k + 1] = 100.0 * correct[: k + 1] / seen[: k + 1]
         self.n[: k + 1] = seen[: k + 1]
         self.top5[k] = 100.0 * float(self._correct5) / seen[: k + 1].sum()

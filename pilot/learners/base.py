@@ -117,6 +117,13 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
     def predict(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B, total]`` over all classes seen so far."""
 
+    @property
+    def eval_protocol(self) -> str:
+        """How :meth:`predict` treats a batch, written into every result row: ``per-sample`` when each
+        sample's logits are independent of the other samples of its batch (the default). A learner
+        whose test predictions depend on the batch overrides this (e.g. ``batch-vote(b=24)``)."""
+        return "per-sample"
+
     # ------------------------------------------------------------------------ the run loop
     def fit(self, session: SessionData) -> None:
         self.begin_session(session.info)

@@ -36,12 +36,14 @@ from pilot.modules.classifiers import linear_head
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompts import CodaPromptPool
+from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import EvenPositiveInt, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
 
+@register_learner("coda")
 class CodaPrompt(Learner):
     """Attention-weighted sums of prompt components as prefixes, one linear head on CLS."""
 

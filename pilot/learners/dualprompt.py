@@ -35,6 +35,7 @@ from pilot.learners.prompt_pool import PromptPoolLearner
 from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompts import PromptPool
+from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 
@@ -72,6 +73,7 @@ def reference_e_layout(e: torch.Tensor, group_size: int | None = None) -> torch.
     return torch.cat(parts, dim=2)
 
 
+@register_learner("dualprompt")
 class DualPrompt(PromptPoolLearner):
     """Shared G-prefixes, a pool of E-prefixes selected by key, one linear head on CLS."""
 

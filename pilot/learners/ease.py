@@ -48,6 +48,7 @@ from pilot.learners.training import train_epochs
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.features import FeatureCache, extract_features
 from pilot.modules.precision import float32_compute
+from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveInt, Probability
 
@@ -93,6 +94,7 @@ def ensemble_logits(
     return (cos * weights).sum(dim=-1)
 
 
+@register_learner("ease")
 class EASE(Learner):
     """Frozen ViT + one adapter set per session, prototype ensemble over all subspaces."""
 

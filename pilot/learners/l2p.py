@@ -24,10 +24,12 @@ from pilot.learners.prompt_pool import PromptPoolLearner
 from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompts import PromptPool
+from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveInt
 
 
+@register_learner("l2p")
 class L2P(PromptPoolLearner):
     """Prompt pool with key-query selection, prompt tuning, one linear head over all classes."""
 

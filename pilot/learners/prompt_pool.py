@@ -91,6 +91,18 @@ class PromptPoolLearner(Learner):
             desc=f"{type(self).__name__} s{session.info.index}",
         )
 
+    @property
+    def eval_protocol(self) -> str:
+        """``batch-vote(b=N)`` when test batches vote for their prompts in groups of N
+        (``batchwise_prompt_eval``); ``batch-prefix(b=N)`` when a sample's prefixes also come from its
+        neighbours in the group (DualPrompt's ``reference_prefix_layout``); else ``per-sample``."""
+        parts = []
+        if self.batchwise_prompt_eval:
+            parts.append(f"batch-vote(b={self.vote_batch_size})")
+        if getattr(self, "reference_prefix_layout", False):  # DualPrompt only
+            parts.append(f"batch-prefix(b={self.vote_batch_size})")
+        return "+".join(parts) or "per-sample"
+
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():

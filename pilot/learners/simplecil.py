@@ -18,10 +18,12 @@ from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.features import FeatureCache, extract_features
+from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import PositiveInt
 
 
+@register_learner("simplecil")
 class SimpleCIL(Learner):
     """Cosine nearest-class-mean on frozen pretrained features."""
 

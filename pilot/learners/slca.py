@@ -52,6 +52,7 @@ from pilot.modules.classifiers import linear_head
 from pilot.modules.features import extract_features
 from pilot.modules.gaussian import ClassGaussians
 from pilot.modules.precision import FP32Linear
+from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -64,6 +65,7 @@ def mean_scale_sessions(scenario: Scenario, info: SessionInfo, reference: bool =
     return torch.as_tensor(scenario.session_of_label[: info.total], dtype=torch.long)
 
 
+@register_learner("slca")
 class SLCA(Learner):
     """Slow-learning backbone + per-session linear heads + classifier alignment on class Gaussians."""
 

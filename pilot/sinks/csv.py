@@ -1,5 +1,9 @@
 """Tidy CSV results: ``sessions.csv`` (one row per run and session) and ``matrix.csv`` (the
-accuracy matrix in long form). Rows are appended, flushed and fsynced as each session ends."""
+accuracy matrix in long form). Rows are appended, flushed and fsynced as each session ends.
+
+Columns added after the first release come last (``acc_val``, ``acc_val_avg`` and the run's
+``data_hash``, ``weights_hash``, ``eval_protocol``), so older files are a prefix of today's layout;
+``pilot.tables`` reads files with or without them (a missing or empty value is unknown)."""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pilot.run_info import RUN_EXTRA_KEYS
 from pilot.sinks.base import Sink
 
 RUN_COLUMNS = ["run_id", "group_id", "method", "dataset", "backbone", "scenario", "seed", "num_sessions"]
+# Run-level values known once the data and the backbone are built; empty cells where unknown.
+RUN_EXTRA_COLUMNS = list(RUN_EXTRA_KEYS)  # data_hash, weights_hash, eval_protocol (see pilot.run_info)
 SESSION_COLUMNS = RUN_COLUMNS + [
     "session",
     "n_seen",
@@ -31,8 +38,11 @@ SESSION_COLUMNS = RUN_COLUMNS + [
     "params_total",
     "params_trainable",
     "finished_at",
+    "acc_val",  # top-1 on the held-out validation images of the seen classes (empty without scenario.val_fraction)
+    "acc_val_avg",  # mean of acc_val over the sessions so far
+    *RUN_EXTRA_COLUMNS,
 ]
-MATRIX_COLUMNS = RUN_COLUMNS + ["session", "block", "acc", "n_test"]
+MATRIX_COLUMNS = RUN_COLUMNS + ["session", "block", "acc", "n_test", *RUN_EXTRA_COLUMNS]
 SESSIONS_FILE, MATRIX_FILE = "sessions.csv", "matrix.csv"
 
 
@@ -44,6 +54,7 @@ class CsvSink(Sink):
 
     def open(self, run_dir, run_info, config, previous) -> None:
         self.run_info = {k: run_info[k] for k in RUN_COLUMNS}
+        self.run_info |= {k: run_info.get(k) for k in RUN_EXTRA_COLUMNS}  # None: an empty cell
         self.files = {}
         for name, columns in ((SESSIONS_FILE, SESSION_COLUMNS), (MATRIX_FILE, MATRIX_COLUMNS)):
             handle = open(Path(run_dir) / name, "w", newline="")  # rewritten on resume: drops rows past the checkpoint

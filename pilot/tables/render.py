@@ -4,6 +4,10 @@ Both writers lay the cells out on one grid (``_Grid``): a row per method and var
 column per metric (with published value and difference columns when compared) and the number of
 seeds; the best mean per column is set in bold. ``to_markdown`` writes a pipe table with a caption
 line, ``to_latex`` a booktabs table with pretty labels (``PRETTY``) and escaped text.
+
+A cell whose runs' predictions depended on the test batch carries a mark (``†`` on class-sorted test
+batches, ``‡`` on shuffled ones; :func:`pilot.tables.results.protocol_mark`), and the table ends with a
+footnote per mark used, followed by any ``notes`` the caller adds (e.g. how ``--select-by`` chose rows).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from pilot.tables.results import METRICS, ROW, SETTING
+from pilot.tables.results import METRICS, PROTOCOL_NOTES, ROW, SETTING, protocol_mark
 
 PRETTY = {  # LaTeX only; Markdown and CSV keep pilot's labels (what you type on the command line)
     "simplecil": "SimpleCIL",
@@ -83,6 +87,22 @@ def _best(cells: pd.DataFrame, digits: int) -> set[tuple]:
     return best
 
 
+_TEX_MARKS = {"†": r"$^\dagger$", "‡": r"$^\ddagger$"}
+
+
+def _marks(cells: pd.DataFrame) -> list[str]:
+    """The protocol marks the cells use, in the order of :data:`PROTOCOL_NOTES`."""
+    if "eval_protocol" not in cells.columns:
+        return []
+    used = {protocol_mark(p) for p in cells["eval_protocol"]}
+    return [mark for mark in PROTOCOL_NOTES if mark in used]
+
+
+def _footnotes(cells: pd.DataFrame, notes: Sequence[str]) -> list[str]:
+    """One line per protocol mark used (``† ...``), then ``notes``."""
+    return [f"{mark} {PROTOCOL_NOTES[mark]}" for mark in _marks(cells)] + list(notes)
+
+
 def _compare_columns(cells: pd.DataFrame) -> set[tuple]:
     if "published" not in cells.columns:
         return set()
@@ -132,6 +152,9 @@ def _grid(cells: pd.DataFrame, digits: int, latex: bool) -> _Grid:
                         mean = rf"\textbf{{{mean}}}" if latex else f"**{mean}**"
                     if std:
                         mean += rf"\,{{\scriptsize$\pm${std}}}" if latex else f" ± {std}"
+                    mark = protocol_mark(cell.get("eval_protocol")) if mean else ""
+                    if mark:
+                        mean += _TEX_MARKS[mark] if latex else f" {mark}"
                     line.append(mean or empty)
                 if setting + (metric,) in compared:
                     line.append((cell is not None and _fmt(cell["published"], digits)) or empty)
@@ -147,9 +170,10 @@ def _setting_label(setting: tuple, dims: Sequence[str], pretty: bool = False) ->
     return " ".join(PRETTY.get(p, p) if pretty else p for p in parts)
 
 
-def to_markdown(cells: pd.DataFrame, digits: int = 2) -> str:
+def to_markdown(cells: pd.DataFrame, digits: int = 2, notes: Sequence[str] = ()) -> str:
     """A pipe table: one row per method (and variant); per setting and metric ``mean ± std``, the
-    best mean per column in bold; ``n`` = seeds; with published values, ``pub.`` and ``Δ`` columns."""
+    best mean per column in bold; ``n`` = seeds; with published values, ``pub.`` and ``Δ`` columns.
+    Below it, a footnote per protocol mark used, then ``notes`` (one line each)."""
     if cells.empty:
         return "(no results)\n"
     grid = _grid(cells, digits, latex=False)
@@ -177,7 +201,9 @@ def to_markdown(cells: pd.DataFrame, digits: int = 2) -> str:
     if "published" in cells.columns:
         note += "; pub. = published value (first match in the published file), Δ = ours − published"
     head = (f"Setting: {caption}\n" if caption else "") + f"({note})\n\n"
-    return head + "\n".join([lines[0], rule] + lines[1:]) + "\n"
+    footnotes = _footnotes(cells, notes)
+    foot = "\n" + "\n".join(footnotes) + "\n" if footnotes else ""
+    return head + "\n".join([lines[0], rule] + lines[1:]) + "\n" + foot
 
 
 _TEX_ESCAPES = str.maketrans(
@@ -200,9 +226,16 @@ def _tex(text: str) -> str:
     return text.translate(_TEX_ESCAPES)
 
 
-def to_latex(cells: pd.DataFrame, digits: int = 2, caption: str | None = None, label: str = "tab:results") -> str:
+def to_latex(
+    cells: pd.DataFrame,
+    digits: int = 2,
+    caption: str | None = None,
+    label: str = "tab:results",
+    notes: Sequence[str] = (),
+) -> str:
     """A booktabs table (needs ``\\usepackage{booktabs}``): a header row per setting with
-    ``\\cmidrule``s, then metric names; best mean per column in ``\\textbf``; std in ``\\scriptsize``."""
+    ``\\cmidrule``s, then metric names; best mean per column in ``\\textbf``; std in ``\\scriptsize``;
+    protocol marks as superscript daggers, explained (with ``notes``) in small print below the table."""
     if cells.empty:
         return "% no results\n"
     grid = _grid(cells, digits, latex=True)
@@ -245,5 +278,9 @@ def to_latex(cells: pd.DataFrame, digits: int = 2, caption: str | None = None, l
     for (method, variant), line in zip(rows, body):
         name = _tex(PRETTY.get(method, method)) + (rf" {{\scriptsize[{_tex(variant)}]}}" if variant else "")
         lines.append(f"    {name} & " + " & ".join(line) + r" \\")
-    lines += [r"    \bottomrule", r"  \end{tabular}", r"\end{table}"]
+    lines += [r"    \bottomrule", r"  \end{tabular}"]
+    for mark in _marks(cells):
+        lines.append(rf"  \par\smallskip{{\footnotesize {_TEX_MARKS[mark]} {_tex(PROTOCOL_NOTES[mark])}}}")
+    lines += [rf"  \par\smallskip{{\footnotesize {_tex(note)}}}" for note in notes]
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"

@@ -4,9 +4,10 @@ Finds every run directory (one holding a ``sessions.csv``) under the given paths
 each run's rows, ``sessions.json`` and flattened ``config.yaml``, sets apart the runs that cannot be
 averaged (``load_results`` -> ``Results``), labels groups of one method and setting that differ in
 their config as variants (``assign_variants``), and reduces the runs of each seed group to cells:
-mean, sample std and number of seeds per metric (``summarize``), filtered and ordered by ``select``.
-Also holds what the other ``pilot.tables`` modules share: file names, row/setting keys, ``METRICS``,
-``TablesError`` and ``TablesWarning``.
+mean, sample std and number of seeds per metric (``summarize``), filtered and ordered by ``select``;
+``select_by`` keeps only the best sweep point by validation score. Also holds what the other
+``pilot.tables`` modules share: file names, row/setting keys, ``METRICS``, ``TablesError`` and
+``TablesWarning``.
 
 What is checked, and what happens then
 --------------------------------------
@@ -46,6 +47,12 @@ still tabulated, but its config cannot be compared (see below).
 must agree on method, dataset, backbone, scenario and ``num_sessions``, on their ``config.yaml``
 (values that follow the seed, such as the class-order seed, left aside), and each seed may appear
 once. ``group_id`` hashes all of that, so a disagreement means a file was edited or copied by hand.
+They must also have run on the same data and started from the same backbone weights: ``data_hash``
+and ``weights_hash`` (columns of newer files) are not in ``group_id``, so one config run on two
+versions of a dataset shares a ``group_id``. A hash that is missing or empty (older files, an
+image-folder dataset without a manifest) is unknown and matches anything; two different known values
+in one group are a disagreement, treated like a config difference, with the hash as the differing
+value (the parts' rows are named ``data_hash=...``), and refused when a run's hash is unknown.
 
 * **Split**, with a warning, when every run of the group has a ``config.yaml`` and the configs tell
   the runs apart: each part becomes its own group (``<group_id>~1``, ``~2``, ...) and so its own
@@ -57,8 +64,12 @@ once. ``group_id`` hashes all of that, so a disagreement means a file was edited
   belong together cannot be told.
 
 Runs of one method and setting in different groups (a sweep) are never merged either: each group is
-its own row (``assign_variants``). Incomplete runs and superseded reruns of the same ``run_id`` are
-listed apart, as before.
+its own row (``assign_variants``), unless ``select_by`` keeps only the sweep point with the best
+validation score (``--select-by acc_val``). Incomplete runs and superseded reruns of the same
+``run_id`` are listed apart, as before.
+
+*Evaluation protocol.* Each run's ``eval_protocol`` (newer files) travels to its cells, so that the
+renderers can mark numbers whose predictions depended on the test batch (:func:`protocol_mark`).
 
 *Exit status* of ``python -m pilot.tables``: 2 when nothing usable is found (a given path does not
 exist, no ``sessions.csv`` under the paths, or every ``sessions.csv`` found is bad or has no rows:
@@ -82,8 +93,8 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 import yaml
 
-from pilot.run_info import NON_SEMANTIC_KEYS, SEMANTIC_RUNTIME_KEYS
-from pilot.sinks.csv import MATRIX_COLUMNS, RUN_COLUMNS, SESSION_COLUMNS
+from pilot.run_info import NON_SEMANTIC_KEYS, SEMANTIC_RUNTIME_KEYS, drop_later_defaults
+from pilot.sinks.csv import MATRIX_COLUMNS, RUN_COLUMNS, RUN_EXTRA_COLUMNS, SESSION_COLUMNS
 
 SESSIONS_FILE, MATRIX_FILE, CONFIG_FILE, SPLIT_FILE = "sessions.csv", "matrix.csv", "config.yaml", "sessions.json"
 SETTING = ["dataset", "backbone", "scenario"]
@@ -108,7 +119,8 @@ METHOD_ORDER = [
 
 # What a sessions.csv row must hold for a table, and what its values may be (pilot.sinks.csv writes them).
 REQUIRED_COLUMNS = [*RUN_COLUMNS, "session", "n_seen", "acc", "acc_avg"]
-_TEXT_COLUMNS = {"run_id", "group_id", "method", "dataset", "backbone", "scenario", "finished_at"}
+_TEXT_COLUMNS = {"run_id", "group_id", "method", "dataset", "backbone", "scenario", "finished_at", *RUN_EXTRA_COLUMNS}
+HASH_COLUMNS = ("data_hash", "weights_hash")  # runs averaged together must agree on these where known
 _INTEGER_COLUMNS = {
     "seed",
     "num_sessions",
@@ -121,7 +133,7 @@ _INTEGER_COLUMNS = {
     "params_trainable",
 }
 _BOUNDS = {  # inclusive (low, high); None = unbounded
-    **{c: (0.0, 100.0) for c in ("acc", "acc_top5", "acc_old", "acc_new", "acc_avg")},
+    **{c: (0.0, 100.0) for c in ("acc", "acc_top5", "acc_old", "acc_new", "acc_avg", "acc_val", "acc_val_avg")},
     **{c: (-100.0, 100.0) for c in ("forgetting", "bwt")},
     **{c: (0.0, None) for c in ("train_time_s", "eval_time_s", "wall_time_s", "elapsed_s", "peak_mem_mb")},
     **{c: (0.0, None) for c in ("session", "n_new", "n_test", "params_total", "params_trainable")},
@@ -154,7 +166,10 @@ METRICS = {
     "time": Metric("elapsed_s", "time [min]", r"time [min]", "min", False, 1 / 60),
     "memory": Metric("peak_mem_mb", "mem [GB]", r"mem.\ [GB]", "GB", False, 1 / 1024, "max"),
     "params": Metric("params_trainable", "params [M]", r"params [M]", "M", None, 1e-6),
+    "acc_val": Metric("acc_val", "A_val", r"$A^\mathrm{val}_\mathrm{last}$", "%", True),
+    "acc_val_avg": Metric("acc_val_avg", "Ā_val", r"$\bar{A}^\mathrm{val}$", "%", True),
 }
+SELECT_CRITERIA = ("acc_val", "acc_val_avg")  # metrics --select-by may choose sweep points with
 DEFAULT_METRICS = ["acc_avg", "acc_last"]
 
 
@@ -354,7 +369,8 @@ def _check_rows(records: list[Record]) -> tuple[list[str], list[str], list[Recor
     if len(by_run) > 1:
         runs = "; ".join(f"run_id {run_id} on {_lines(lines)}" for run_id, lines in by_run.items())
         return [f"holds rows of {len(by_run)} runs ({runs}): two runs wrote into one directory"], [], records
-    for column in RUN_COLUMNS[1:]:
+    extra = [c for c in RUN_EXTRA_COLUMNS if c in records[0][1]]  # optional: older files lack them
+    for column in RUN_COLUMNS[1:] + extra:
         values: dict[Any, list[int]] = defaultdict(list)
         for line, record, _ in records:
             values[record[column]].append(line)
@@ -410,6 +426,15 @@ def _frame(records: list[dict[str, Any]], header: list[str]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def known_value(value: Any) -> str | None:
+    """A run-level text value (a hash, the evaluation protocol) as a string, or None when it is
+    unknown: missing, empty, NaN (a column older files lack)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text if text and text.lower() != "nan" else None
+
+
 def _summary(problems: list[str]) -> str:
     """A file's first problems in one line, and how many more there are."""
     more = len(problems) - _SHOWN_PROBLEMS
@@ -438,7 +463,7 @@ def _flat_config(config: dict[str, Any] | None, seed: Any) -> dict[str, str] | N
     (exactly what ``run_info.config_hash`` leaves out, and the seed)."""
     if not isinstance(config, dict):
         return None
-    config = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "seed"}
+    config = {k: v for k, v in drop_later_defaults(config).items() if k not in NON_SEMANTIC_KEYS and k != "seed"}
     if isinstance(config.get("runtime"), dict):
         config["runtime"] = {k: v for k, v in config["runtime"].items() if k in SEMANTIC_RUNTIME_KEYS}
     flat: dict[str, str] = {}
@@ -497,10 +522,15 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     if not problems and len(rows):
         mismatch = _mismatch_with_description(rows, split, config)
         problems = [mismatch] if mismatch else []
+    for key in RUN_EXTRA_COLUMNS:
+        info[key] = known_value(split.get(key))
     if len(rows):
         first = rows.iloc[0]
         for key in RUN_COLUMNS:
             info[key] = first[key].item() if hasattr(first[key], "item") else first[key]
+        for key in RUN_EXTRA_COLUMNS:
+            if key in rows.columns:
+                info[key] = known_value(first[key])
     info["sessions_done"] = int(rows["session"].nunique()) if len(rows) else 0
     info["finished_at"] = str(rows["finished_at"].iloc[-1]) if len(rows) and "finished_at" in rows else ""
     info["config"] = _flat_config(config, info.get("seed"))
@@ -625,12 +655,27 @@ def _seed_keys(group: pd.DataFrame) -> set[str]:
     return {k for k in configs[0][0] if all(c.get(k) == seed for c, seed in configs)}
 
 
-def _differences(group: pd.DataFrame, comparable: list[dict[str, str] | None]) -> list[str]:
-    """What differs between the runs of a group, as ``key: value (run dirs) vs value (run dirs)``."""
+def _conflicting_hashes(group: pd.DataFrame) -> dict[str, list[str | None]]:
+    """The hash columns (``data_hash``, ``weights_hash``) with two or more different known values in
+    the group, each with every run's value (None where unknown)."""
+    found = {}
+    for column in HASH_COLUMNS:
+        if column not in group:
+            continue
+        values = [known_value(v) for v in group[column]]
+        if len({v for v in values if v is not None}) > 1:
+            found[column] = values
+    return found
+
+
+def _differences(group: pd.DataFrame, comparable: list[dict[str, str] | None], hashes: Sequence[str] = ()) -> list[str]:
+    """What differs between the runs of a group, as ``key: value (run dirs) vs value (run dirs)``,
+    with the conflicting ``hashes`` (read from the runs, so also where a config is missing)."""
     found = []
     columns = {c: [str(v) for v in group[c]] for c in _GROUP_COLUMNS}
+    columns |= {h: [known_value(v) or "<unknown>" for v in group[h]] for h in hashes}
     known = [c for c in comparable if c is not None]
-    keys = sorted(set().union(*known)) if known else []
+    keys = sorted(set().union(*known) - set(hashes)) if known else []
     columns |= {
         k: [c.get(k, "<unset>") if c is not None else f"<no {CONFIG_FILE}>" for c in comparable]
         for k in keys
@@ -660,30 +705,44 @@ def check_groups(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[s
     for group_id, group in runs.groupby("group_id", sort=False):
         group = group.sort_values("run_dir")  # a stable order for messages and parts
         seed_keys = _seed_keys(group)
+        hashes = _conflicting_hashes(group)  # {column: each run's value, None = unknown}
+        unknown_hash = [k for k, values in hashes.items() if None in values]
         comparable = [
-            {k: v for k, v in c.items() if k not in seed_keys} if isinstance(c, dict) else None for c in group["config"]
+            {k: v for k, v in c.items() if k not in seed_keys}
+            | {k: values[i] or "<unknown>" for k, values in hashes.items()}
+            if isinstance(c, dict)
+            else None
+            for i, c in enumerate(group["config"])
         ]
         signatures = [None if c is None else tuple(sorted(c.items())) for c in comparable]
         mixed = len(group[_GROUP_COLUMNS].drop_duplicates()) > 1 or len({s for s in signatures if s is not None}) > 1
-        if not mixed and not group["seed"].duplicated().any():
+        if not mixed and not hashes and not group["seed"].duplicated().any():
             kept.append(group)
             continue
-        differences = "; ".join(_differences(group, comparable))
+        differences = "; ".join(_differences(group, comparable, list(hashes)))
+        mixes = "runs on different data or backbone weights" if hashes else "configurations"
         parts = [group[[s == signature for s in signatures]] for signature in dict.fromkeys(signatures)]
         splittable = (
             None not in signatures
+            and not unknown_hash
             and len(parts) > 1
             and all(len(p[_GROUP_COLUMNS].drop_duplicates()) == 1 and not p["seed"].duplicated().any() for p in parts)
         )
         if splittable:
             for k, part in enumerate(parts, 1):
-                kept.append(part.assign(group_id=f"{group_id}~{k}"))
+                labelled = [
+                    {**c, **{h: run[h] for h in hashes}} for c, (_, run) in zip(part["config"], part.iterrows())
+                ]
+                kept.append(part.assign(group_id=f"{group_id}~{k}", config=labelled))
+            held = "runs on different data or backbone weights" if hashes else f"runs of {len(parts)} configurations"
             messages.append(
-                f"group_id {group_id} holds runs of {len(parts)} configurations ({differences}): split into "
-                f"{len(parts)} rows named by the differing values"
+                f"group_id {group_id} holds {held} ({differences}): split into {len(parts)} rows named by the "
+                "differing values"
             )
             continue
-        if None in signatures:
+        if unknown_hash:
+            why = f"some runs have no {' or '.join(unknown_hash)} to tell them apart"
+        elif None in signatures:
             why = f"some runs have no readable {CONFIG_FILE} to tell them apart"
         elif len(parts) == 1 and group["seed"].duplicated().any():
             why = "a seed appears in more than one run"
@@ -691,9 +750,10 @@ def check_groups(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[s
             why = f"their {CONFIG_FILE} files are the same, so the rows cannot be told apart"
         else:
             why = f"even runs with the same {CONFIG_FILE} differ or repeat a seed"
-        reason = f"refused: group_id {group_id} mixes configurations ({differences}); {why}"
+        reason = f"refused: group_id {group_id} mixes {mixes} ({differences}); {why}"
         refused.append(group.assign(reason=reason))
-        messages.append(f"group_id {group_id} is not averaged ({differences}): {why}")
+        what = " (runs on different data or backbone weights)" if hashes else ""
+        messages.append(f"group_id {group_id}{what} is not averaged ({differences}): {why}")
     keep = pd.concat(kept, ignore_index=True) if kept else runs.iloc[:0]
     out = pd.concat(refused, ignore_index=True) if refused else runs.iloc[:0].assign(reason=pd.Series(dtype=str))
     return keep, out, messages
@@ -751,7 +811,125 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
         .reset_index()
     )
     cells["unit"] = cells["metric"].map(lambda m: METRICS[m].unit)
-    return cells[ROW + SETTING + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs"]]
+    cells["eval_protocol"] = cells["group_id"].map(_group_protocols(runs))
+    return cells[
+        ROW + SETTING + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs", "eval_protocol"]
+    ]
+
+
+def _group_protocols(runs: pd.DataFrame) -> dict[str, str]:
+    """Per group, its runs' known evaluation protocols ("; "-joined; "" when unknown, as in older files)."""
+    if "eval_protocol" not in runs:
+        return {}
+    return {
+        group_id: "; ".join(sorted({v for v in map(known_value, protocols) if v is not None}))
+        for group_id, protocols in runs.groupby("group_id", sort=False)["eval_protocol"]
+    }
+
+
+# Marks for cells whose predictions depended on the test batch (see protocol_mark).
+SORTED_BATCH_MARK, SHUFFLED_BATCH_MARK = "†", "‡"
+PROTOCOL_NOTES = {
+    SORTED_BATCH_MARK: (
+        "batch-wise prompt voting on class-sorted test batches: the test batch votes for the prompt, which leaks "
+        "label information (predictions depend on the other, same-class samples of the batch). Per-sample numbers: "
+        "method.batchwise_prompt_eval=false"
+    ),
+    SHUFFLED_BATCH_MARK: (
+        "batch-dependent predictions on shuffled test batches (scenario.shuffle_test=true): no class-sorted "
+        "batches to leak labels, but a sample's prediction still depends on the samples batched with it"
+    ),
+}
+
+
+def protocol_mark(protocol: Any) -> str:
+    """The mark of a cell evaluated with ``protocol`` (its ``eval_protocol``; several joined by "; "):
+    ``†`` when predictions depend on the batch and test batches are class-sorted, ``‡`` when they depend
+    on the batch on shuffled batches, "" when per-sample or unknown (older files)."""
+    found = ""
+    for part in (known_value(protocol) or "").split(";"):
+        learner, _, order = part.strip().partition(",")
+        if not learner or learner.strip() == "per-sample":
+            continue
+        if order.strip() == "shuffled":
+            found = found or SHUFFLED_BATCH_MARK
+        else:
+            return SORTED_BATCH_MARK
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing sweep points by validation score
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One choice of ``select_by``: in ``key`` (method, dataset, backbone, scenario) the sweep point
+    ``variant`` won on ``criterion``; ``points`` = every candidate as (variant, mean score, seeds)."""
+
+    key: tuple[str, str, str, str]
+    criterion: str
+    variant: str
+    group_id: str
+    points: tuple[tuple[str, float, int], ...]
+
+    def describe(self, digits: int = 2) -> str:
+        def point(variant: str, score: float, n: int) -> str:
+            value = "no score" if math.isnan(score) else f"{score:.{digits}f}, {n} seed{'s' * (n != 1)}"
+            return f"{variant or 'default'} ({value})"
+
+        others = [point(*p) for p in self.points if p[0] != self.variant]
+        chosen = next(p for p in self.points if p[0] == self.variant)
+        return f"{' · '.join(self.key)}: {point(*chosen)} over {', '.join(others)}"
+
+
+def select_by(runs: pd.DataFrame, criterion: str) -> tuple[pd.DataFrame, list[Selection], list[str]]:
+    """Keep, per method and setting, the sweep point with the best mean ``criterion`` over its seeds.
+
+    Sweep points are the groups of one method, dataset, backbone and scenario whose configs differ only
+    in ``method.*`` values (hyperparameters); groups that also differ elsewhere (precision, transforms,
+    ``scenario.*``...) are chosen among separately. ``criterion`` is ``acc_val`` (validation top-1 after
+    the last session) or ``acc_val_avg`` (its mean over sessions); higher wins, a tie goes to the first
+    variant in sorted order. A pool of one point is kept as it is; a pool where no point has a score
+    (runs without ``scenario.val_fraction``) is left out, with a note. Returns the runs kept, the
+    choices made and the notes."""
+    if criterion not in SELECT_CRITERIA:
+        raise TablesError(f"--select-by {criterion}: choose one of {', '.join(SELECT_CRITERIA)}")
+    if runs.empty:
+        return runs, [], []
+    kept, selections, notes = [], [], []
+    scores = runs[criterion] if criterion in runs else pd.Series(math.nan, index=runs.index)
+
+    def pool_of(config: Any, group_id: str) -> Any:
+        if not isinstance(config, dict):
+            return f"<no config> {group_id}"
+        return repr(sorted((k, v) for k, v in config.items() if not k.startswith("method.") and k not in HASH_COLUMNS))
+
+    pools = runs.assign(_pool=[pool_of(c, g) for c, g in zip(runs["config"], runs["group_id"])], _score=scores)
+    for (method, *setting), cluster in pools.groupby(["method", *SETTING], sort=False):
+        for _, pool in cluster.groupby("_pool", sort=False):
+            points = []
+            for group_id, group in pool.groupby("group_id", sort=False):
+                values = pd.to_numeric(group["_score"], errors="coerce").dropna()
+                mean = float(values.mean()) if len(values) else math.nan
+                points.append((group["variant"].iloc[0], mean, len(values), group_id))
+            if len(points) == 1:
+                kept.append(pool)
+                continue
+            points.sort(key=lambda p: p[0])
+            scored = [p for p in points if not math.isnan(p[1])]
+            key = (method, *setting)
+            if not scored:
+                notes.append(
+                    f"{' · '.join(key)}: none of its {len(points)} sweep points has a {criterion} (runs need "
+                    "scenario.val_fraction > 0), so none is selected and the row is left out"
+                )
+                continue
+            best = max(scored, key=lambda p: p[1])  # the first of equal scores
+            kept.append(pool[pool["group_id"] == best[3]])
+            selections.append(Selection(key, criterion, best[0], best[3], tuple((v, m, n) for v, m, n, _ in points)))
+    out = pd.concat(kept) if kept else pools.iloc[:0]
+    return out.drop(columns=["_pool", "_score"]).sort_index(), selections, notes
 
 
 def _ordered(values: Iterable[str], wanted: Sequence[str] | None, preferred: Sequence[str] = ()) -> list[str]:
