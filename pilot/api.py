@@ -90,7 +90,7 @@ def run(
         raise TypeError("pilot.run() takes either overrides=[...] or cfg=pilot.compose([...]), not both or neither")
     if cfg is None:
         cfg = compose(_as_list(overrides))
-    from pilot.run import run as run_loop  # only now: loads torch, timm and the learners
+    from pilot.loop import run as run_loop  # only now: loads torch, timm and the learners
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     table = run_loop(cfg, run_dir)

@@ -69,7 +69,7 @@ class Runtime:
         """``iterable`` with a tqdm bar on stderr, shown only when ``progress`` is on and someone watches:
         stderr is a terminal (or tqdm draws notebook widgets). In a log file (SLURM, ``> log 2>&1``,
         pytest) every refresh would stay as text, so there the bar is off; the run's one line per
-        session (``pilot.run``) still reports progress."""
+        session (``pilot.loop``) still reports progress."""
         stream = sys.stderr
         try:
             interactive = bool(stream.isatty())

@@ -2,7 +2,7 @@
 ``pilot-train`` console script with the same arguments.
 
 Composes ``configs/train.yaml`` with Hydra, checks the composed config, and only then imports the
-run loop (:func:`pilot.run.run`, which loads torch) and runs it in the run directory. ``--help`` and
+run loop (:func:`pilot.loop.run`, which loads torch) and runs it in the run directory. ``--help`` and
 configuration mistakes are therefore answered without waiting for torch. A :class:`PilotError`
 (bad input, or an interruption) ends the process with one line ``ErrorClass: message`` on stderr
 and the error's ``exit_code`` (2 unless the error says otherwise); ``HYDRA_FULL_ERROR=1`` adds the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-# Before torch (imported later, by pilot.run) loads OpenMP: idle OpenMP threads sleep instead of
+# Before torch (imported later, by pilot.loop) loads OpenMP: idle OpenMP threads sleep instead of
 # spinning, which on a small, busy CPU machine otherwise slows small tensor operations badly.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         apply_method_presets(cfg, cfg_choice("method"), HydraConfig.get().overrides.task)
         validate_config(cfg)
-        from pilot.run import run  # only now: importing it loads torch, timm and the learners
+        from pilot.loop import run  # only now: importing it loads torch, timm and the learners
 
         table = run(cfg, HydraConfig.get().runtime.output_dir)
     except PilotError as err:

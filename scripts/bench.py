@@ -51,8 +51,8 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from pilot.config import compose_config  # noqa: E402
 from pilot.data.pipeline import TRAIN  # noqa: E402
+from pilot.loop import build_data, build_model, evaluate, run  # noqa: E402
 from pilot.modules.features import extract_features  # noqa: E402
-from pilot.run import build_data, build_model, evaluate, run  # noqa: E402
 
 METHODS = ("simplecil", "l2p", "dualprompt", "coda", "ease", "slca")
 # Issue 6 targets on an H100 (images/s): training, and evaluation (one-pass >= 4000, two-pass >= 2000).

@@ -21,7 +21,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 import pilot.train  # noqa: E402,F401  (registers the config resolvers)
 from pilot.config import compose_config as compose  # noqa: E402
-from pilot.run import run  # noqa: E402
+from pilot.loop import run  # noqa: E402
 
 # A fast test setting: tiny random ViT, synthetic data, CSV only, no progress bars, on the CPU.
 FAST = [

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 import pilot
 from pilot.errors import ConfigError
-from pilot.run import run as run_loop
+from pilot.loop import run as run_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_SESSIONS = ["+method=simplecil", "scenario=b0inc5"]  # 10 synthetic classes: two sessions of five
@@ -47,12 +47,11 @@ def test_run_without_a_run_dir_uses_the_command_line_default(tmp_path):
     assert run_dir.name.endswith("_simplecil_synthetic_s1993") and (run_dir / "sessions.csv").is_file()
 
 
-def test_pilot_run_is_the_api_function_even_after_the_run_loop_module_is_imported():
-    # conftest imported pilot.run (the module) first; it stays the run loop and is callable as the API.
-    assert callable(pilot.run) and pilot.run.run is run_loop
+def test_pilot_run_is_the_api_function_and_the_loop_lives_in_pilot_loop():
     from pilot import run
+    from pilot.api import run as api_run
 
-    assert run is pilot.run
+    assert run is pilot.run is api_run and run_loop.__module__ == "pilot.loop"
     with pytest.raises(TypeError, match="either overrides"):
         pilot.run()
     with pytest.raises(TypeError, match="either overrides"):

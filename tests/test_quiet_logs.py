@@ -1,5 +1,5 @@
 """A run's log stays readable when nobody watches a terminal (SLURM, ``> log 2>&1``): no progress
-bars, at most one line from W&B, and the one line per session from ``pilot.run``.
+bars, at most one line from W&B, and the one line per session from the run loop (``pilot.loop``).
 
 The bar decision is checked on fake streams; a real ``python -m pilot.train`` in a subprocess (its
 stdout and stderr are pipes, as in a batch job) checks the whole log, with progress bars switched on
@@ -114,7 +114,7 @@ def test_a_batch_log_has_no_progress_bars(batch_log):
     done, _ = batch_log
     log = done.stdout + done.stderr
     assert "%|" not in log and "\r" not in log
-    sessions = [line for line in log.splitlines() if "pilot.run" in line and "| classes" in line]
+    sessions = [line for line in log.splitlines() if "pilot.loop" in line and "| classes" in line]
     assert len(sessions) == 2 and "session 0 (1/2)" in sessions[0] and "session 1 (2/2)" in sessions[1]
 
 

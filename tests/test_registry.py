@@ -28,8 +28,8 @@ from pilot import registry
 from pilot.config import available_options, config_roots, validate_config
 from pilot.errors import ConfigError
 from pilot.learners.base import Learner
+from pilot.loop import RunInterrupted
 from pilot.registry import RegistryError, get_learner, learner_names, learners, register_learner
-from pilot.run import RunInterrupted
 from pilot.schema import signature_of
 
 ROOT = Path(__file__).resolve().parent.parent

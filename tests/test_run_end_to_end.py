@@ -11,7 +11,7 @@ import yaml
 from conftest import compose_config, run_config
 
 from pilot.eval import metrics
-from pilot.run import RunInterrupted
+from pilot.loop import RunInterrupted
 from pilot.sinks.csv import SESSION_COLUMNS
 
 TIMING = ["train_time_s", "eval_time_s", "wall_time_s", "elapsed_s", "finished_at"]

@@ -31,7 +31,7 @@ from pilot.errors import (
     RunInterruptedError,
 )
 from pilot.learners.base import Learner
-from pilot.run import RunInterrupted
+from pilot.loop import RunInterrupted
 from pilot.rundir import HOLDER_FILE, LOCK_FILE, RunDirLock, RunProgress, interrupts_as_errors
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pilot import tables
 from pilot.config import CONFIG_DIR
-from pilot.run import RunInterrupted
+from pilot.loop import RunInterrupted
 from pilot.sinks.csv import MATRIX_COLUMNS, SESSION_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def write_run(
     finished_at: str = "2026-01-01T00:00:00+00:00",
     matrix: np.ndarray | None = None,
 ) -> Path:
-    """A run directory as pilot.run writes it: sessions.csv (acc_avg = running mean of ``acc``;
+    """A run directory as the run loop writes it: sessions.csv (acc_avg = running mean of ``acc``;
     ``forgetting``/``elapsed_s`` on the last row), config.yaml, sessions.json and optionally matrix.csv."""
     method_cfg = method_cfg or {"_target_": f"pilot.learners.{method}.X", "init_lr": 0.01}
     group_id = f"{method}-{dataset}-{backbone}-{scenario}-" + "-".join(f"{k}{v}" for k, v in method_cfg.items())

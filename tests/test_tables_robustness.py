@@ -40,7 +40,7 @@ def make_run(
     config: bool = True,
     run_id: str | None = None,
 ) -> Path:
-    """A run directory as ``pilot.run`` leaves it: sessions.csv and matrix.csv through ``CsvSink``,
+    """A run directory as the run loop leaves it: sessions.csv and matrix.csv through ``CsvSink``,
     config.yaml, sessions.json. ``acc`` is the accuracy after each finished session."""
     total = num_sessions or len(acc)
     info = {

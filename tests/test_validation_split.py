@@ -24,7 +24,7 @@ from pilot.data.pipeline import TEST, TRAIN, VAL, DataPipeline, holdout_mask
 from pilot.data.scenario import make_scenario
 from pilot.data.transforms import ImageTransforms
 from pilot.errors import ConfigError, DatasetError
-from pilot.run import RunInterrupted
+from pilot.loop import RunInterrupted
 from pilot.runtime import make_runtime
 from pilot.sinks.csv import SESSION_COLUMNS
 from pilot.tables.results import select_by
