@@ -88,8 +88,9 @@ def run(
     """
     if (overrides is None) == (cfg is None):
         raise TypeError("pilot.run() takes either overrides=[...] or cfg=pilot.compose([...]), not both or neither")
-    if cfg is None:
+    if overrides is not None:  # then cfg is None (checked above)
         cfg = compose(_as_list(overrides))
+    assert cfg is not None
     from pilot.loop import run as run_loop  # only now: loads torch, timm and the learners
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)

@@ -133,6 +133,8 @@ def apply_method_presets(cfg: DictConfig, method: str | None, overrides: Sequenc
     if "for_method" not in cfg:
         return
     presets = OmegaConf.to_container(cfg.for_method, resolve=False) or {}
+    if not isinstance(presets, dict):
+        raise ConfigError(f"for_method must map method names to settings, got {type(presets).__name__}")
     explicit = command_line_keys(overrides)
     with open_dict(cfg):
         del cfg["for_method"]
@@ -191,7 +193,8 @@ _ABSENT = object()
 def _resolved(cfg: DictConfig, key: str) -> Any:
     """The value at dotted ``key`` as plain Python data, interpolations resolved."""
     try:
-        return to_plain(OmegaConf.select(cfg, key, throw_on_resolution_failure=True))
+        node = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
     except Exception as err:  # noqa: BLE001 - OmegaConf raises several kinds; all mean a bad value
         raise ConfigError(f"{key}: a value cannot be resolved: {err}") from err
 
@@ -243,10 +246,3 @@ def build(node: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
-
-
-def to_plain(node: Any) -> Any:
-    """A resolved OmegaConf node as plain Python containers."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node

@@ -214,7 +214,7 @@ def _run_session(
     evaluate(learner, pipeline, evaluator, info)
     acc_val = math.nan
     if model.val_evaluator is not None:
-        acc_val = evaluate(learner, pipeline, model.val_evaluator, info, split=VAL)["acc"]
+        acc_val = float(evaluate(learner, pipeline, model.val_evaluator, info, split=VAL)["acc"])
     _synchronize(runtime)
     done = time.perf_counter()
     previous_elapsed = history[-1][0]["elapsed_s"] if history else 0.0

@@ -7,7 +7,7 @@ import copy
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, cast
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -58,7 +58,7 @@ def config_hash(cfg: DictConfig, ignore_seed: bool = False) -> str:
             cfg.seed = 0
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    kept = {k: v for k, v in drop_later_defaults(container).items() if k not in NON_SEMANTIC_KEYS}
+    kept = {k: v for k, v in drop_later_defaults(cast(dict[str, Any], container)).items() if k not in NON_SEMANTIC_KEYS}
     if isinstance(kept.get("runtime"), dict):
         kept["runtime"] = {k: v for k, v in kept["runtime"].items() if k in SEMANTIC_RUNTIME_KEYS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:HASH_DIGITS]

@@ -287,7 +287,7 @@ def _signature_from_source(target: str) -> Signature | None:
 def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
     """The signature of an imported callable, with its annotations evaluated (Any where they fail).
     For a class, that of its ``__init__`` (a metaclass ``__call__`` would hide it from ``inspect``)."""
-    function = fn.__init__ if isinstance(fn, type) else fn
+    function = getattr(fn, "__init__") if isinstance(fn, type) else fn
     try:
         hints = typing.get_type_hints(function, include_extras=True)
     except Exception:  # noqa: BLE001 - foreign annotations we cannot evaluate are left unchecked

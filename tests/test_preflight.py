@@ -389,15 +389,20 @@ def test_learners_built_in_code_are_checked_before_they_allocate(tiny_backbone):
 
     runtime, scenario = make_runtime(device="cpu"), make_scenario(10, 2, 2)
     with pytest.raises(ConfigError, match="method.prompt_length=5 must be even"):
-        CodaPrompt(tiny_backbone, scenario, runtime, adam, None, prompt_length=5)
+        CodaPrompt(tiny_backbone, scenario, runtime, optimizer=adam, scheduler=None, prompt_length=5)
     with pytest.raises(ConfigError, match="method.top_k=3 must be between 1 and method.pool_size=2"):
-        L2P(tiny_backbone, scenario, runtime, adam, pool_size=2, top_k=3)
+        L2P(tiny_backbone, scenario, runtime, optimizer=adam, pool_size=2, top_k=3)
 
 
 def test_dualprompt_short_pool_without_task_forced_prompts_is_accepted(tiny_backbone):
     from pilot.learners.dualprompt import DualPrompt
 
     learner = DualPrompt(
-        tiny_backbone, make_scenario(10, 2, 2), make_runtime(device="cpu"), adam, pool_size=4, task_forced_prompt=False
+        tiny_backbone,
+        make_scenario(10, 2, 2),
+        make_runtime(device="cpu"),
+        optimizer=adam,
+        pool_size=4,
+        task_forced_prompt=False,
     )
     assert learner.e_pool.pool_size == 4  # prompts are chosen by key matching in every session

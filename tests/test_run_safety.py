@@ -7,6 +7,7 @@ the bytes of the earlier results, which must not change."""
 from __future__ import annotations
 
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -16,11 +17,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import FAST, compose_config, run_config
 
+from pilot.checkpoint import CHECKPOINT_KEYS
 from pilot.errors import (
     CheckpointError,
     ConfigError,
@@ -304,6 +307,54 @@ def test_a_readable_file_that_is_not_a_checkpoint_is_named(done):
     with pytest.raises(CheckpointError, match="it is not a pilot checkpoint \\(no run_id, sessions_done"):
         run_config(TWO_SESSIONS + ["resume=true"], done)
     assert snapshot(done) == before
+
+
+def test_checkpoint_loads_with_weights_only(finished_run):
+    """A checkpoint holds tensors and plain data only: plain ``torch.load(weights_only=True)`` reads it."""
+    state = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    assert set(CHECKPOINT_KEYS) <= set(state) and state["sessions_done"] == 2
+    assert isinstance(state["evaluator"]["R"], torch.Tensor) and isinstance(state["history"][0][0]["acc"], float)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch planted",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(done, monkeypatch):
+    monkeypatch.chdir(done)
+    state = torch.load(done / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "extra": _RunsCode()}, done / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="it holds objects that a pilot checkpoint does not \\(posix.system"):
+        run_config(TWO_SESSIONS + ["resume=true"], done)
+    assert not (done / "planted").exists()
+
+
+def _as_before_weights_only(path: Path) -> None:
+    """Rewrite the checkpoint at ``path`` the way pilot wrote them before they loaded with weights_only:
+    numpy arrays for the numpy RNG and the evaluator, numpy scalars in the history."""
+    state = torch.load(path, weights_only=True)
+    kind, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
+    for key in ("R", "n", "top5"):
+        state["evaluator"][key] = state["evaluator"][key].numpy()
+    state["history"] = [
+        ({k: np.float64(v) if isinstance(v, float) else v for k, v in record.items()}, rows)
+        for record, rows in state["history"]
+    ]
+    torch.save(state, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_written_before_weights_only_still_resumes(tmp_path, reference_three):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted, match="stopped after session 0"):
+        run_config(THREE_SESSIONS + ["debug.stop_after_session=0"], run_dir)
+    _as_before_weights_only(run_dir / "checkpoint.pt")
+    run_config(THREE_SESSIONS + ["resume=true"], run_dir)
+    pd.testing.assert_frame_equal(metrics(run_dir), metrics(reference_three))
+    assert (run_dir / "matrix.csv").read_bytes() == (reference_three / "matrix.csv").read_bytes()
 
 
 def test_checkpoint_of_another_configuration_is_refused(done):

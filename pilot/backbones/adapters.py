@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +176,7 @@ def adapters_active(vit: VisionTransformer, sets: Sequence[AdapterSet]) -> Itera
         if k > 1:
             handles.append(vit.blocks[0].register_forward_pre_hook(repeat_tokens))
         for index, block in enumerate(vit.blocks):
-            attach(index, block)
+            attach(index, cast(Block, block))  # check_adaptable: timm Blocks
         yield k
     finally:
         for handle in handles:

@@ -36,7 +36,7 @@ class Backbone(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return int(self.model.num_features)
+        return int(getattr(self.model, "num_features"))  # every timm model has it; nn.Module does not declare it
 
     @property
     def is_vit(self) -> bool:
@@ -47,7 +47,7 @@ class Backbone(nn.Module):
     def depth(self) -> int | None:
         """Number of transformer blocks of a ViT (the valid prompt/adapter layers are ``0..depth-1``);
         None for other models."""
-        return len(self.model.blocks) if self.is_vit else None
+        return len(self.model.blocks) if isinstance(self.model, VisionTransformer) else None
 
     @property
     def vit(self) -> VisionTransformer:

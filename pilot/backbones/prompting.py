@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -45,7 +46,7 @@ _ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "attn_dr
 
 
 def prefix_attention(
-    attn: nn.Module,
+    attn: Attention,
     x: torch.Tensor,
     key_prefix: torch.Tensor,
     value_prefix: torch.Tensor,
@@ -129,7 +130,7 @@ def prompting(
         if tokens is not None:
             handles.append(vit.patch_drop.register_forward_hook(lambda _m, _i, out: _insert_tokens(vit, tokens, out)))
         for layer, (keys, values) in (prefixes or {}).items():
-            attn = vit.blocks[layer].attn
+            attn: Any = vit.blocks[layer].attn  # a timm Attention (checked by PromptedViT); forward is patched
             # An instance attribute shadows the class's forward for this call only; the module,
             # its parameters and their names are untouched.
             attn.forward = partial(prefix_attention, attn, key_prefix=keys, value_prefix=values)
@@ -176,10 +177,6 @@ class PromptedViT:
     @property
     def dim(self) -> int:
         return int(self.vit.embed_dim)
-
-    @property
-    def depth(self) -> int:
-        return len(self.vit.blocks)
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -18,7 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pilot.data.images import VERIFY_MODES, ArrayImages, ClassificationData, FileImages, verify_files
 from pilot.errors import ConfigError, DatasetError
-from pilot.net import host_reachable
+from pilot.network import host_reachable
 from pilot.schema import ClassCount, NonEmptyStr, NonNegativeFloat, PositiveInt, Seed
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"

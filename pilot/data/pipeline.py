@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,7 +82,9 @@ class Batch:
         augmented: bool,
         split_size: int,
     ) -> None:
-        self._raw, self._prepare, self._images = raw, prepare, None
+        self._raw: Any = raw  # dropped (None) once prepared
+        self._prepare = prepare
+        self._images: torch.Tensor | None = None
         self.labels, self.ids, self.split, self.augmented = labels, ids, split, augmented
         self.split_size = split_size
 
@@ -306,7 +308,10 @@ class DataPipeline:
         """The split's uint8 images, on the device when ``runtime.data_on_device`` (moved once)."""
         split = _STORAGE[split]
         if split not in self._device_arrays:
-            images = self.images(split).images
+            data = self.images(split)
+            if not isinstance(data, ArrayImages):
+                raise TypeError(f"device_arrays needs in-memory images, the {split} split is image files")
+            images = data.images
             if self.runtime.data_on_device and self.runtime.is_cuda:
                 images = images.to(self.runtime.device)
             self._device_arrays[split] = images

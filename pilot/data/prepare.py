@@ -30,7 +30,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import pilot
 from pilot.data import manifest as mf
@@ -105,7 +105,7 @@ class DatasetSpec:
     name: str
     layout: str  # manifest layout: image_folder | cifar
     config: str | None  # configs/dataset/<config>.yaml, whose dataset.root gives the default root
-    splits: dict[str, tuple[str, ...]]  # source layout -> allowed splits (the first is the default)
+    splits: Mapping[str, tuple[str, ...]]  # source layout -> allowed splits (the first is the default)
     num_classes: int | None  # refuse another class count (None: any)
     unsplit_images: int | None = None  # images a class-folders-only source must hold (None: any)
     hint: str = ""  # where the reference source is to be had

@@ -19,7 +19,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable
+from typing import IO, Callable
 
 from pilot.errors import DatasetError
 
@@ -186,7 +186,7 @@ class Listing:
     links: list[str]  # members that are links or devices (never extracted)
 
 
-def copy_hashing(src: BinaryIO, dst: Path) -> tuple[int, str]:
+def copy_hashing(src: IO[bytes], dst: Path) -> tuple[int, str]:
     """Copy a stream into a new file, returning its size and SHA-256."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     h, size = hashlib.sha256(), 0
@@ -279,7 +279,10 @@ class ArchiveSource:
                         dst = plan.get(clean_member_path(m.name)) if m.isfile() else None
                         if dst is not None:
                             self._refuse_repeat(m.name, dst, done)
-                            done[dst] = copy_hashing(tar.extractfile(m), dest / dst)  # type: ignore[arg-type]
+                            member = tar.extractfile(m)
+                            if member is None:  # not a regular file (the plan only names files)
+                                raise SourceError(f"{self.path}: {m.name} is not a regular file")
+                            done[dst] = copy_hashing(member, dest / dst)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
             raise SourceError(
                 f"{self.path} cannot be extracted ({type(err).__name__}: {err}); download it again"

@@ -67,7 +67,7 @@ class ImageTransforms:
         x = images.float().div_(255) if images.dtype == torch.uint8 else images
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x.contiguous()
 

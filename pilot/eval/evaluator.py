@@ -75,26 +75,35 @@ class Evaluator:
         """All metrics after session ``k`` (percent), from the rows filled so far."""
         R, n = self.R[: k + 1, : k + 1], self.n[: k + 1]
         acc = metrics.accuracy(R, n)
+        # Plain Python floats, not numpy scalars: records go into checkpoints, which load with
+        # ``torch.load(..., weights_only=True)``.
         return {
             "session": k,
-            "acc": acc[k],
-            "acc_top5": self.top5[k],
-            "acc_old": metrics.old_accuracy(R, n)[k],
-            "acc_new": metrics.new_accuracy(R)[k],
-            "acc_avg": metrics.average_incremental_accuracy(acc)[k],
-            "forgetting": metrics.forgetting(R)[k],
-            "bwt": metrics.backward_transfer(R)[k],
+            "acc": float(acc[k]),
+            "acc_top5": float(self.top5[k]),
+            "acc_old": float(metrics.old_accuracy(R, n)[k]),
+            "acc_new": float(metrics.new_accuracy(R)[k]),
+            "acc_avg": float(metrics.average_incremental_accuracy(acc)[k]),
+            "forgetting": float(metrics.forgetting(R)[k]),
+            "bwt": float(metrics.backward_transfer(R)[k]),
             "n_test": int(n.sum()),
         }
 
     def matrix_rows(self, k: int) -> list[dict[str, Any]]:
         """Row ``k`` of ``R`` in long form: one dict per session block ``j <= k``."""
-        return [{"session": k, "block": j, "acc": self.R[k, j], "n_test": int(self.n[j])} for j in range(k + 1)]
+        return [{"session": k, "block": j, "acc": float(self.R[k, j]), "n_test": int(self.n[j])} for j in range(k + 1)]
 
     # ------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"R": self.R.copy(), "n": self.n.copy(), "top5": self.top5.copy(), "sessions_done": self.sessions_done}
+        """Tensors and ints only, so that a checkpoint loads with ``torch.load(..., weights_only=True)``."""
+        return {
+            "R": torch.from_numpy(self.R.copy()),
+            "n": torch.from_numpy(self.n.copy()),
+            "top5": torch.from_numpy(self.top5.copy()),
+            "sessions_done": self.sessions_done,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.R, self.n, self.top5 = state["R"].copy(), state["n"].copy(), state["top5"].copy()
+        # Tensors, or the numpy arrays of checkpoints written before the tensors.
+        self.R, self.n, self.top5 = (torch.as_tensor(state[key]).numpy().copy() for key in ("R", "n", "top5"))
         self.sessions_done = int(state["sessions_done"])

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from pilot.backbones.backbone import Backbone
-from pilot.data.pipeline import Batch, SessionData
+from pilot.data.pipeline import Batch, BatchStream, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError, IncompatibleBackboneError
+from pilot.learners.training import LossFn, OptimizerFactory, ParamGroups, SchedulerFactory, train_trainable
 from pilot.runtime import Runtime
 
 BACKBONE_PREFIX = "backbone."
@@ -130,6 +131,34 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         self.trainable_parameters = sum(p.numel() for p in self.parameters() if p.requires_grad)
         self.train_session(session)
         self.end_session(session)
+
+    def set_training(
+        self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None, epochs: int, batch_size: int
+    ) -> None:
+        """Keep the settings :meth:`train_epochs` trains with (learners that train with a gradient optimiser)."""
+        self.optimizer, self.scheduler, self.epochs, self.batch_size = (
+            optimizer,
+            scheduler,
+            int(epochs),
+            int(batch_size),
+        )
+
+    def train_epochs(
+        self,
+        session: SessionData,
+        loss_fn: LossFn,
+        params: nn.Module | ParamGroups | None = None,
+        batches: BatchStream | None = None,
+    ) -> list[float]:
+        """The shared loop (:func:`pilot.learners.training.train_trainable`) with the settings of
+        :meth:`set_training`: a fresh optimiser over ``params`` (default: every trainable parameter),
+        on ``batches`` (default: ``session``'s training batches of ``batch_size``)."""
+        batches = session.train_batches(self.batch_size) if batches is None else batches
+        params = self if params is None else params
+        desc = f"{type(self).__name__} s{session.info.index}"
+        return train_trainable(
+            params, batches, self.epochs, loss_fn, self.optimizer, self.runtime, self.scheduler, desc
+        )
 
     def restore(self, state: Mapping[str, Any], sessions_done: int) -> None:
         """Rebuild the structure of ``sessions_done`` finished sessions, then load ``state``."""

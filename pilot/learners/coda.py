@@ -31,7 +31,7 @@ from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
 from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
@@ -72,23 +72,24 @@ class CodaPrompt(Learner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
+        *,
+        prompt_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4),
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None,
         epochs: PositiveInt = 20,
         batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
         drop_last: bool = True,
         pool_size: PositiveInt = 100,
         prompt_length: EvenPositiveInt = 8,
-        prompt_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4),
         ortho_mu: NonNegativeFloat = 0.0,
+        eval_batch_size: PositiveInt = 256,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.layers = [int(i) for i in prompt_layers]
         self.backbone.freeze()
         self.vit = PromptedViT(backbone.vit, prefix_layers=self.layers)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.epochs, self.batch_size, self.eval_batch_size = int(epochs), int(batch_size), int(eval_batch_size)
+        self.set_training(optimizer, scheduler, epochs, batch_size)
+        self.eval_batch_size = int(eval_batch_size)
         self.drop_last, self.ortho_mu = bool(drop_last), float(ortho_mu)
         self.pool = CodaPromptPool(
             len(self.layers), int(pool_size), int(prompt_length), self.vit.dim, scenario.num_sessions
@@ -115,8 +116,7 @@ class CodaPrompt(Learner):
         return F.cross_entropy(logits, batch.labels) + penalty
 
     def train_session(self, session: SessionData) -> None:
-        batches = session.train_batches(self.batch_size, drop_last=self.drop_last)
-        if len(batches) == 0:
+        if len(batches := session.train_batches(self.batch_size, drop_last=self.drop_last)) == 0:
             log.warning(
                 "CODA session %d: %d training images < batch_size %d with drop_last: no training step",
                 session.info.index,
@@ -124,16 +124,7 @@ class CodaPrompt(Learner):
                 self.batch_size,
             )
             return
-        train_trainable(
-            self,
-            batches,
-            self.epochs,
-            self.loss,
-            self.optimizer,
-            self.runtime,
-            self.scheduler,
-            desc=f"coda s{session.info.index}",
-        )
+        self.train_epochs(session, self.loss, batches=batches)
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:

@@ -82,22 +82,23 @@ class DualPrompt(PromptPoolLearner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
+        *,
+        g_prompt_layers: Sequence[NonNegativeInt] = (0, 1),
+        g_prompt_length: PositiveInt = 5,
+        e_prompt_layers: Sequence[NonNegativeInt] = (2, 3, 4),
+        e_prompt_length: PositiveInt = 5,
+        pool_size: PositiveInt = 10,
+        top_k: PositiveInt = 1,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         epochs: PositiveInt = 5,
         batch_size: PositiveInt = 24,
-        eval_batch_size: PositiveInt = 504,
-        vote_batch_size: PositiveInt = 24,
-        g_prompt_length: PositiveInt = 5,
-        g_prompt_layers: Sequence[NonNegativeInt] = (0, 1),
-        e_prompt_length: PositiveInt = 5,
-        e_prompt_layers: Sequence[NonNegativeInt] = (2, 3, 4),
-        pool_size: PositiveInt = 10,
-        top_k: PositiveInt = 1,
         batchwise_prompt: bool = True,
         batchwise_prompt_eval: bool = True,
         task_forced_prompt: bool = True,
         copy_previous_prompt: bool = True,
+        eval_batch_size: PositiveInt = 504,
+        vote_batch_size: PositiveInt = 24,
         pull_coeff: NonNegativeFloat = 0.1,
         reference_prefix_layout: bool = False,
         allow_short_pool: bool = False,
@@ -108,21 +109,9 @@ class DualPrompt(PromptPoolLearner):
                 f"method.g_prompt_layers {g_layers} and method.e_prompt_layers {e_layers} "
                 "overlap; a block takes either the G- or the E-prompt"
             )
-        super().__init__(
-            backbone,
-            scenario,
-            runtime,
-            optimizer,
-            scheduler,
-            epochs,
-            batch_size,
-            eval_batch_size,
-            vote_batch_size,
-            batchwise_prompt,
-            batchwise_prompt_eval,
-            pull_coeff,
-            prefix_layers=g_layers + e_layers,
-        )
+        super().__init__(backbone, scenario, runtime, prefix_layers=g_layers + e_layers)
+        self.set_training(optimizer, scheduler, epochs, batch_size)
+        self.set_selection(eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
         self.g_layers, self.e_layers = g_layers, e_layers
         self.g_length, self.e_length, self.top_k = int(g_prompt_length), int(e_prompt_length), int(top_k)
         self.task_forced_prompt, self.copy_previous_prompt = bool(task_forced_prompt), bool(copy_previous_prompt)

@@ -31,20 +31,20 @@ once per run.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import SGD, Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from torch.optim import SGD
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from pilot.backbones.adapters import AdapterSet, check_adaptable, multi_adapter_features
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
-from pilot.learners.training import train_epochs
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.features import FeatureCache, extract_features
 from pilot.modules.precision import float32_compute
@@ -105,31 +105,26 @@ class EASE(Learner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = partial(SGD, lr=0.025, momentum=0.9, weight_decay=5e-4),
+        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
         epochs: PositiveInt = 20,
         batch_size: PositiveInt = 48,
-        optimizer: Callable[..., Optimizer] = partial(SGD, lr=0.025, momentum=0.9, weight_decay=5e-4),
-        scheduler: Callable[..., LRScheduler] | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
         adapter_dim: PositiveInt = 64,
         adapter_dropout: Probability = 0.1,
+        sets_per_pass: PositiveInt | None = None,
         adapter_scale: NonNegativeFloat = 0.1,
         alpha: NonNegativeFloat = 0.1,
         prototype_batch_size: PositiveInt = 128,
         eval_batch_size: PositiveInt = 128,
-        sets_per_pass: PositiveInt | None = None,
         cache_features: bool = True,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         check_adaptable(backbone.vit)
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.optimizer = optimizer
-        self.scheduler = scheduler  # None: a constant learning rate
+        self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
         self.adapter_dim, self.adapter_dropout, self.adapter_scale = adapter_dim, adapter_dropout, adapter_scale
-        self.alpha = alpha
-        self.prototype_batch_size = prototype_batch_size
-        self.eval_batch_size = eval_batch_size
-        self.sets_per_pass = sets_per_pass
-        self.cache_features = cache_features
+        self.alpha, self.sets_per_pass, self.cache_features = alpha, sets_per_pass, cache_features
+        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
         self.backbone.freeze()
         dim = backbone.feature_dim
         self.adapters = nn.ModuleList()  # one AdapterSet per session; all in state_dict()
@@ -157,24 +152,13 @@ class EASE(Learner):
         self.class_session = torch.as_tensor(self.scenario.session_of_label[: info.total], device=device)
 
     def train_session(self, session: SessionData) -> None:
-        current = self.adapters[-1]
-        optimizer = self.optimizer([*current.parameters(), *self.proxy_fc.parameters()])
-        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
-        known = self.known
+        current, known = self.adapters[-1], self.known
 
         def loss_fn(batch: Batch) -> torch.Tensor:
             feats = multi_adapter_features(self.backbone, self.backbone.vit, batch.images, [current])[:, 0]
             return F.cross_entropy(self.proxy_fc(feats), batch.labels - known)
 
-        train_epochs(
-            session.train_batches(self.batch_size),
-            self.epochs,
-            loss_fn,
-            optimizer,
-            self.runtime,
-            scheduler,
-            desc=f"EASE s{session.info.index}",
-        )
+        self.train_epochs(session, loss_fn, params=[*current.parameters(), *self.proxy_fc.parameters()])
         self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
@@ -182,17 +166,13 @@ class EASE(Learner):
         info = session.info
         self.adapters[-1].requires_grad_(False)  # final: its features may now be cached
         self.proxy_fc.requires_grad_(False)
-        was_training = self.training
-        self.eval()  # adapter dropout off for prototypes (reference replace_fc: model.eval())
-        try:
-            feats, labels = extract_features(
-                lambda images: self.subspace_features(images).flatten(1),
-                session.prototype_batches(self.prototype_batch_size),
-                self.runtime,
-                desc=f"prototypes s{info.index}",
-            )
-        finally:
-            self.train(was_training)
+        feats, labels = extract_features(
+            lambda images: self.subspace_features(images).flatten(1),
+            session.prototype_batches(self.prototype_batch_size),
+            self.runtime,
+            desc=f"prototypes s{info.index}",
+            eval_mode=self,  # adapter dropout off for prototypes (reference replace_fc: model.eval())
+        )
         subspaces, dim = len(self.adapters), self.backbone.feature_dim
         means = class_means(feats, labels, info.new_classes).view(info.num_new, subspaces, dim)
         self.prototypes[info.known : info.total] = means

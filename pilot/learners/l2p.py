@@ -38,33 +38,23 @@ class L2P(PromptPoolLearner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
+        *,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         epochs: PositiveInt = 5,
         batch_size: PositiveInt = 16,
-        eval_batch_size: PositiveInt = 512,
-        vote_batch_size: PositiveInt = 16,
         pool_size: PositiveInt = 10,
         prompt_length: PositiveInt = 5,
         top_k: PositiveInt = 5,
         batchwise_prompt: bool = True,
         batchwise_prompt_eval: bool = True,
+        eval_batch_size: PositiveInt = 512,
+        vote_batch_size: PositiveInt = 16,
         pull_coeff: NonNegativeFloat = 0.1,
     ) -> None:
-        super().__init__(
-            backbone,
-            scenario,
-            runtime,
-            optimizer,
-            scheduler,
-            epochs,
-            batch_size,
-            eval_batch_size,
-            vote_batch_size,
-            batchwise_prompt,
-            batchwise_prompt_eval,
-            pull_coeff,
-        )
+        super().__init__(backbone, scenario, runtime)
+        self.set_training(optimizer, scheduler, epochs, batch_size)
+        self.set_selection(eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
         self.top_k, self.prompt_length = int(top_k), int(prompt_length)
         self.pool = PromptPool(int(pool_size), self.prompt_length, self.vit.dim, self.top_k)
         self.head = linear_head(self.vit.dim, scenario.num_classes)

@@ -22,7 +22,6 @@ from pilot.backbones.prompting import PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario
 from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory, train_trainable
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompts import PromptPool, vote_aligned_batch_size
@@ -36,30 +35,23 @@ class PromptPoolLearner(Learner):
     pool: PromptPool
 
     def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None,
-        epochs: int,
-        batch_size: int,
-        eval_batch_size: int,
-        vote_batch_size: int,
-        batchwise_prompt: bool,
-        batchwise_prompt_eval: bool,
-        pull_coeff: float,
-        prefix_layers: Sequence[int] = (),
+        self, backbone: Backbone, scenario: Scenario, runtime: Runtime, prefix_layers: Sequence[int] = ()
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.backbone.freeze()
         self.vit = PromptedViT(backbone.vit, prefix_layers=prefix_layers)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.epochs, self.batch_size, self.vote_batch_size = int(epochs), int(batch_size), int(vote_batch_size)
-        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
-        self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise_prompt), bool(batchwise_prompt_eval)
-        self.pull_coeff = float(pull_coeff)
         self.queries = FeatureCache()  # q(x) of test images: the frozen model never changes
+
+    def set_selection(
+        self, eval_batch_size: int, vote_batch_size: int, batchwise: bool, batchwise_eval: bool, pull_coeff: float
+    ) -> None:
+        """Keep the prompt-selection settings the subclass's constructor received (L2P's and DualPrompt's
+        own keyword parameters, which the config schema reads): test batches are a multiple of the vote
+        groups, ``batchwise``/``batchwise_eval`` turn the batch vote on in training/evaluation."""
+        self.vote_batch_size = int(vote_batch_size)
+        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
+        self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise), bool(batchwise_eval)
+        self.pull_coeff = float(pull_coeff)
 
     @abstractmethod
     def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
@@ -80,16 +72,7 @@ class PromptPoolLearner(Learner):
         return F.cross_entropy(logits, batch.labels) - self.pull_coeff * selection.pull
 
     def train_session(self, session: SessionData) -> None:
-        train_trainable(
-            self,
-            session.train_batches(self.batch_size),
-            self.epochs,
-            self.loss,
-            self.optimizer,
-            self.runtime,
-            self.scheduler,
-            desc=f"{type(self).__name__} s{session.info.index}",
-        )
+        self.train_epochs(session, self.loss)
 
     @property
     def eval_protocol(self) -> str:

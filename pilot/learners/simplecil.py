@@ -32,12 +32,12 @@ class SimpleCIL(Learner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
+        *,
         batch_size: PositiveInt = 128,
         eval_batch_size: PositiveInt = 512,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.backbone.freeze()
         # Rows are written, never trained, and sigma stays 1 (docs/methods.md §0.5).
         self.head = CosineLinear(backbone.feature_dim, learn_sigma=False).requires_grad_(False)
@@ -48,12 +48,8 @@ class SimpleCIL(Learner):
         self.head.grow(info.total, init="zeros")
 
     def end_session(self, session: SessionData) -> None:
-        feats, labels = extract_features(
-            self.backbone,
-            session.prototype_batches(self.batch_size),
-            self.runtime,
-            desc=f"prototypes s{session.info.index}",
-        )
+        batches, desc = session.prototype_batches(self.batch_size), f"prototypes s{session.info.index}"
+        feats, labels = extract_features(self.backbone, batches, self.runtime, desc=desc)
         self.head.assign(session.info.new_classes, class_means(feats, labels, session.info.new_classes))
 
     @torch.inference_mode()

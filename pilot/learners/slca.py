@@ -34,19 +34,19 @@ fixed ones, SimpleCIL 78.2). ViTs have no BatchNorm. Statistics passes run in ev
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import SGD, Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
-from pilot.learners.training import train_epochs
+from pilot.learners.training import OptimizerFactory, SchedulerFactory, build_optimizer, train_epochs
 from pilot.modules.alignment import align_classifier
 from pilot.modules.classifiers import linear_head
 from pilot.modules.features import extract_features
@@ -76,14 +76,15 @@ class SLCA(Learner):
         backbone: Backbone,
         scenario: Scenario,
         runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        scheduler: SchedulerFactory | None = partial(MultiStepLR, milestones=[18], gamma=0.1),
         epochs: PositiveInt = 20,
         batch_size: PositiveInt = 64,
-        optimizer: Callable[..., Optimizer] = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
         backbone_lr_scale: NonNegativeFloat = 0.01,
-        scheduler: Callable[..., LRScheduler] | None = partial(MultiStepLR, milestones=[18], gamma=0.1),
+        ca_optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        ca_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=3),
         ca_epochs: NonNegativeInt = 3,
-        ca_optimizer: Callable[..., Optimizer] = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        ca_scheduler: Callable[..., LRScheduler] | None = partial(CosineAnnealingLR, T_max=3),
         ca_samples_per_class: PositiveInt = 256,
         ca_batch_size: PositiveInt = 256,
         ca_logit_norm: PositiveFloat | None = 0.1,
@@ -94,21 +95,13 @@ class SLCA(Learner):
         eval_batch_size: PositiveInt = 256,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.optimizer = optimizer
-        self.backbone_lr_scale = backbone_lr_scale
-        self.scheduler = scheduler  # None: a constant learning rate
-        self.ca_epochs = ca_epochs
-        self.ca_optimizer = ca_optimizer
-        self.ca_scheduler = ca_scheduler  # None: a constant learning rate
-        self.ca_samples_per_class = ca_samples_per_class
-        self.ca_batch_size = ca_batch_size
+        self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
+        self.backbone_lr_scale, self.ca_epochs = backbone_lr_scale, ca_epochs
+        self.ca_optimizer, self.ca_scheduler = ca_optimizer, ca_scheduler  # ca_scheduler None: a constant lr
+        self.ca_samples_per_class, self.ca_batch_size = ca_samples_per_class, ca_batch_size
         self.ca_logit_norm = ca_logit_norm
-        self.reference_session_mapping = reference_session_mapping
-        self.freeze_batchnorm_stats = freeze_batchnorm_stats
-        self.stats_batch_size = stats_batch_size
-        self.eval_batch_size = eval_batch_size
+        self.reference_session_mapping, self.freeze_batchnorm_stats = reference_session_mapping, freeze_batchnorm_stats
+        self.stats_batch_size, self.eval_batch_size = stats_batch_size, eval_batch_size
         if backbone_lr_scale == 0:  # the reference's fix_bcb: heads only
             self.backbone.freeze()
         dim = backbone.feature_dim
@@ -137,45 +130,37 @@ class SLCA(Learner):
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        head = self.heads[-1]
+        head, known = self.heads[-1], self.known
         groups = [{"params": list(head.parameters())}]
         backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
         if backbone_params:
             groups.insert(0, {"params": backbone_params})
-        optimizer = self.optimizer(groups)
-        if backbone_params:
-            optimizer.param_groups[0]["lr"] *= self.backbone_lr_scale  # before the scheduler records it
-        scheduler = self.scheduler(optimizer) if self.scheduler is not None else None
-        known = self.known
+
+        def scaled(groups: list[dict[str, Any]]) -> Optimizer:  # backbone lr scaled before the scheduler records it
+            opt = self.optimizer(groups)
+            if backbone_params:
+                opt.param_groups[0]["lr"] *= self.backbone_lr_scale
+            return opt
+
+        optimizer, scheduler = build_optimizer(groups, scaled, self.scheduler)
 
         def loss_fn(batch: Batch) -> torch.Tensor:
             return F.cross_entropy(head(self.backbone(batch.images)), batch.labels - known)
 
-        train_epochs(
-            session.train_batches(self.batch_size),
-            self.epochs,
-            loss_fn,
-            optimizer,
-            self.runtime,
-            scheduler,
-            desc=f"SLCA s{session.info.index}",
-        )
+        batches, desc = session.train_batches(self.batch_size), f"SLCA s{session.info.index}"
+        train_epochs(batches, self.epochs, loss_fn, optimizer, self.runtime, scheduler, desc)
         self.zero_grad(set_to_none=True)  # free the backbone's gradients before evaluation
 
     def end_session(self, session: SessionData) -> None:
         info = session.info
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            feats, labels = extract_features(
-                self.backbone,
-                session.prototype_batches(self.stats_batch_size),
-                self.runtime,
-                desc=f"class statistics s{info.index}",
-                full_precision=True,  # covariances: no bf16 rounding noise (modules/precision.py)
-            )
-        finally:
-            self.backbone.train(was_training)
+        feats, labels = extract_features(
+            self.backbone,
+            session.prototype_batches(self.stats_batch_size),
+            self.runtime,
+            desc=f"class statistics s{info.index}",
+            full_precision=True,  # covariances: no bf16 rounding noise (modules/precision.py)
+            eval_mode=self.backbone,
+        )
         self.stats.update(feats, labels, info.new_classes)
 
         stage1 = FP32Linear(self.backbone.feature_dim, info.total).to(self.aligned_weight.device)

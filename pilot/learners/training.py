@@ -9,17 +9,18 @@ sinks, see :func:`pilot.sinks.base.epoch_hook`).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Union
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from pilot.data.pipeline import Batch, BatchStream
 from pilot.runtime import Runtime
 
-LossFn = Callable[[Batch], torch.Tensor]
+LossFn = Callable[[Any], torch.Tensor]  # batch (a Batch, or alignment's (inputs, targets)) -> scalar loss
+Batches = Union[Iterable[Any], Callable[[int], Iterable[Any]]]  # a stream, or epoch -> that epoch's stream
+ParamGroups = Iterable[Any]  # parameters, or optimiser parameter groups (dicts)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]  # e.g. partial(Adam, lr=...) from YAML
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 EpochHook = Callable[[int, float, float], None]
@@ -28,7 +29,7 @@ call), its mean training loss and the learning rate it ran with (the first param
 
 
 def train_epochs(
-    batches: BatchStream,
+    batches: Batches,
     epochs: int,
     loss_fn: LossFn,
     optimizer: Optimizer,
@@ -37,25 +38,33 @@ def train_epochs(
     desc: str = "train",
     *,
     on_epoch: EpochHook | None = None,
+    grad_clip: float | None = None,
 ) -> list[float]:
     """Minimise ``loss_fn`` over ``epochs`` passes of ``batches``; the scheduler steps once per epoch.
 
-    The loss is summed on the device and read back once per epoch (no host sync per step).
-    Returns the mean training loss of every epoch. ``on_epoch`` (default: ``runtime.on_epoch``, if
-    set) hears each epoch's mean loss and learning rate; the lr is read before the scheduler steps,
-    so it is the one the epoch used.
+    ``batches``: the same stream every epoch, or ``batches(epoch)`` for data drawn anew each epoch
+    (classifier alignment's Gaussian samples), called at the start of the epoch. The loss is summed
+    on the device and read back once per epoch (no host sync per step). Returns the mean training
+    loss of every epoch. ``on_epoch`` (default: ``runtime.on_epoch``, if set) hears each epoch's mean
+    loss and learning rate; the lr is read before the scheduler steps, so it is the one the epoch
+    used. ``grad_clip``: clip the gradients' total l2 norm to this value before each step (None: no
+    clipping, as the reference).
     """
     hook = on_epoch if on_epoch is not None else getattr(runtime, "on_epoch", None)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
     for epoch in range(epochs):
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else float("nan")
         total = torch.zeros((), device=runtime.device)
         steps = 0
-        for batch in runtime.progress_bar(batches, desc=f"{desc} {epoch + 1}/{epochs}"):
+        stream = batches(epoch) if callable(batches) else batches
+        for batch in runtime.progress_bar(stream, desc=f"{desc} {epoch + 1}/{epochs}"):
             with runtime.autocast():
                 loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
             total += loss.detach().float()
             steps += 1
@@ -68,8 +77,8 @@ def train_epochs(
 
 
 def train_trainable(
-    module: nn.Module,
-    batches: BatchStream,
+    params: nn.Module | ParamGroups,
+    batches: Batches,
     epochs: int,
     loss_fn: LossFn,
     optimizer: OptimizerFactory,
@@ -78,10 +87,22 @@ def train_trainable(
     desc: str = "train",
     *,
     on_epoch: EpochHook | None = None,
+    grad_clip: float | None = None,
 ) -> list[float]:
-    """:func:`train_epochs` with a fresh optimiser (and scheduler) over every parameter of ``module``
-    that requires a gradient: the reference rebuilds the optimiser at every session
-    (``reinit_optimizer``), so no moment estimates carry over between sessions."""
-    opt = optimizer([p for p in module.parameters() if p.requires_grad])
-    sched = scheduler(opt) if scheduler is not None else None
-    return train_epochs(batches, epochs, loss_fn, opt, runtime, sched, desc, on_epoch=on_epoch)
+    """:func:`train_epochs` with a fresh optimiser (and scheduler): the reference rebuilds the optimiser
+    at every session (``reinit_optimizer``), so no moment estimates carry over between sessions.
+
+    ``params``: a module (every parameter of it that requires a gradient), or the parameters or
+    parameter groups to hand to ``optimizer`` as they are."""
+    opt, sched = build_optimizer(params, optimizer, scheduler)
+    return train_epochs(batches, epochs, loss_fn, opt, runtime, sched, desc, on_epoch=on_epoch, grad_clip=grad_clip)
+
+
+def build_optimizer(
+    params: nn.Module | ParamGroups, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None
+) -> tuple[Optimizer, LRScheduler | None]:
+    """``optimizer`` over ``params`` (a module: every parameter of it that requires a gradient; else
+    the parameters or parameter groups as they are), and ``scheduler`` (if any) over that optimiser."""
+    trainable = [p for p in params.parameters() if p.requires_grad] if isinstance(params, nn.Module) else list(params)
+    opt = optimizer(trainable)
+    return opt, scheduler(opt) if scheduler is not None else None

@@ -18,7 +18,7 @@ the blocks divides all logits, and so does tau:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from pilot.learners.training import train_trainable
 from pilot.modules.gaussian import ClassGaussians
 from pilot.modules.precision import autocast_off, float32_compute
 from pilot.runtime import Runtime
@@ -76,37 +77,38 @@ def align_classifier(
     ``optimizer``/``scheduler``: factories applied to ``head.parameters()`` / the optimizer; the
     scheduler steps once per epoch. ``tau=None`` turns the logit normalisation off.
     Runs in float32 with autocast disabled, also when called inside a bf16 autocast region (a
-    linear layer on 256-row batches). The loss is summed on the device and read back once per
-    epoch; returns the mean loss of every epoch.
+    linear layer on 256-row batches). The epochs run in the shared loop
+    (:func:`pilot.learners.training.train_epochs`), each on a fresh draw; returns the mean loss of every epoch.
     """
-    with autocast_off(gaussians.means.device):
-        device = gaussians.means.device
+    device = gaussians.means.device
+    with autocast_off(device):
         num_classes = gaussians.num_classes
         blocks = blocks.to(device)
         num_blocks = int(blocks.max()) + 1
         scales = mean_scale(scale_sessions.to(device), current_session)
         scale_tril = gaussians.scale_tril().float()  # factorised once (float64), sampled in float32
-        params = [p for p in head.parameters() if p.requires_grad]
-        opt = optimizer(params)
-        sched = scheduler(opt) if scheduler is not None else None
-        losses = []
-        for _epoch in runtime.progress_bar(range(epochs), desc="classifier alignment"):
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fresh draw of every class, shuffled, in mini-batches of ``batch_size``."""
+        with autocast_off(device):
             inputs, targets = gaussians.sample(samples_per_class, mean_scale=scales, scale_tril=scale_tril)
             order = torch.randperm(len(targets), device=device)
             inputs, targets = inputs[order], targets[order]
-            total = torch.zeros((), device=device)
-            steps = 0
-            for start in range(0, len(targets), batch_size):
-                logits = head(inputs[start : start + batch_size])[:, :num_classes]
-                if tau:
-                    logits = session_normalized_logits(logits, blocks, tau, num_blocks)
-                loss = F.cross_entropy(logits.float(), targets[start : start + batch_size])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach()
-                steps += 1
-            if sched is not None:
-                sched.step()
-            losses.append(total.item() / max(steps, 1))
-        return losses
+        for start in range(0, len(targets), batch_size):
+            yield inputs[start : start + batch_size], targets[start : start + batch_size]
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        with autocast_off(device):  # also inside the run's bf16 autocast (train_epochs enters it)
+            logits = head(batch[0])[:, :num_classes]
+            if tau:
+                logits = session_normalized_logits(logits, blocks, tau, num_blocks)
+            return F.cross_entropy(logits.float(), batch[1])
+
+    with autocast_off(device):
+        return train_trainable(
+            head, epoch_batches, epochs, loss_fn, optimizer, runtime, scheduler, "classifier alignment", on_epoch=_quiet
+        )
+
+
+def _quiet(epoch: int, loss: float, lr: float) -> None:
+    """Alignment epochs are not reported to the run's epoch listeners (they hear the training epochs)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from pilot.data.pipeline import Batch
 from pilot.runtime import Runtime
@@ -21,12 +22,40 @@ def extract_features(
     desc: str = "features",
     cache: "FeatureCache | None" = None,
     full_precision: bool = False,
+    eval_mode: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn`` over every batch; returns float32 features ``[N, D]`` and labels ``[N]`` on the device.
 
     ``fn`` runs under the run's autocast, or in float32 with ``full_precision`` (for features that
-    become stored statistics such as covariances; see :mod:`pilot.modules.precision`).
+    become stored statistics such as covariances; see :mod:`pilot.modules.precision`). ``eval_mode``:
+    a module put in eval mode for the pass (dropout off, BatchNorm on running statistics) and given
+    back its training mode afterwards.
     """
+    with evaluating(eval_mode):
+        return _extract(fn, batches, runtime, desc, cache, full_precision)
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module | None) -> Iterator[None]:
+    """``module`` (if any) in eval mode inside the block; ``module.train(was_training)`` after it."""
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.train(was_training)
+
+
+def _extract(
+    fn: FeatureFn,
+    batches: Iterable[Batch],
+    runtime: Runtime,
+    desc: str,
+    cache: "FeatureCache | None",
+    full_precision: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None):
         with runtime.autocast() if not full_precision else contextlib.nullcontext():

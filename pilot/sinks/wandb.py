@@ -30,10 +30,15 @@ import logging
 import math
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pilot.errors import ConfigError
 from pilot.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from wandb import Run  # imported lazily at run time (wandb is slow to import)
+
+Mode = Literal["offline", "online", "disabled"]
 
 log = logging.getLogger(__name__)
 WANDB_ID_FILE = "wandb_id.txt"
@@ -67,8 +72,9 @@ class WandbSink(Sink):
     ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.wandb.mode={mode!r}: use offline, online or disabled")
-        self.mode, self.project, self.entity, self.tags = mode, project, entity, list(tags or [])
-        self.run = None
+        self.mode = cast(Mode, mode)  # checked above
+        self.project, self.entity, self.tags = project, entity, list(tags or [])
+        self.run: Run | None = None
         self.run_dir: Path | None = None
         self.run_info: dict[str, Any] = {}
         self.matrix_rows: list[dict[str, Any]] = []
@@ -103,11 +109,12 @@ class WandbSink(Sink):
             job_type="train",
             settings=wandb.Settings(**wandb_settings()),
         )
-        self.run.config.update({"pilot": run_info}, allow_val_change=True)
+        run = self.run
+        run.config.update({"pilot": run_info}, allow_val_change=True)
         if self.mode == "offline":
-            log.info("W&B run saved offline; upload with: wandb sync %s", self.run.settings.sync_dir)
+            log.info("W&B run saved offline; upload with: wandb sync %s", run.settings.sync_dir)
         else:
-            log.info("W&B run: %s", self.run.url)
+            log.info("W&B run: %s", run.url)
         self._define_metric(EPOCH_STEP)
         for key in EPOCH_METRICS:
             self._define_metric(key, EPOCH_STEP)
@@ -122,11 +129,17 @@ class WandbSink(Sink):
             if replay:
                 self._log(record, media=i == len(previous) - 1)
 
+    @property
+    def _open_run(self) -> Run:
+        if self.run is None:
+            raise RuntimeError("the W&B run is not open")
+        return self.run
+
     def _define_metric(self, key: str, step: str | None = None) -> None:
         """Chart ``key`` against ``step`` (``None``: ``key`` is itself an x axis). Only the charts'
         x axis depends on it, so a failure is noted in the debug log and the values are still logged."""
         try:
-            self.run.define_metric(key, step_metric=step)
+            self._open_run.define_metric(key, step_metric=step)
         except Exception as err:  # noqa: BLE001
             log.debug("W&B define_metric(%r) failed (%s: %s)", key, type(err).__name__, err)
 
@@ -135,9 +148,9 @@ class WandbSink(Sink):
             self._guard("log", self._log_epoch, session, epoch, loss, lr)
 
     def _log_epoch(self, session: int, epoch: int, loss: float, lr: float) -> None:
-        row = {EPOCH_STEP: self.epochs_logged, "train/session": session, "train/session_epoch": epoch}
+        row: dict[str, float] = {EPOCH_STEP: self.epochs_logged, "train/session": session, "train/session_epoch": epoch}
         row.update({k: v for k, v in (("train/loss", loss), ("train/lr", lr)) if math.isfinite(v)})
-        self.run.log(row)
+        self._open_run.log(row)
         self.epochs_logged += 1
 
     def write(self, record, matrix_rows) -> None:
@@ -157,7 +170,7 @@ class WandbSink(Sink):
         for key in scalars.keys() - self.session_metrics - {SESSION_STEP}:
             self._define_metric(key, SESSION_STEP)
             self.session_metrics.add(key)
-        self.run.log({**scalars, **(self._matrix_media() if media else {})})
+        self._open_run.log({**scalars, **(self._matrix_media() if media else {})})
 
     def _matrix_media(self) -> dict[str, Any]:
         """The accuracy matrix so far as a W&B table (a row per session k, a column per block j;
@@ -173,7 +186,7 @@ class WandbSink(Sink):
             from pilot.tables.plots import STYLE, heatmap_figure, heatmap_title, matrix_from_rows
 
             R = matrix_from_rows(self.matrix_rows)
-            columns = ["session"] + [f"block {j}" for j in range(len(R))]
+            columns: list[str | int] = ["session", *(f"block {j}" for j in range(len(R)))]
             data = [[k] + [None if math.isnan(v) else float(v) for v in R[k]] for k in range(len(R))]
             with rc_context(STYLE):
                 figure = heatmap_figure(R, heatmap_title(self.run_info), dpi=HEATMAP_DPI)
@@ -194,8 +207,8 @@ class WandbSink(Sink):
         try:
             self._log_results_artifact()
         finally:
-            self.run.summary.update(_scalars(summary))
-            self.run.finish()
+            self._open_run.summary.update(_scalars(summary))
+            self._open_run.finish()
             self.run = None
 
     def _log_results_artifact(self) -> None:
@@ -203,18 +216,19 @@ class WandbSink(Sink):
         resume that rewrites them does not change what this run uploads)."""
         import wandb
 
-        files = [self.run_dir / name for name in RESULT_FILES if (self.run_dir / name).is_file()]
+        run_dir = self.run_dir
+        files = [run_dir / name for name in RESULT_FILES if (run_dir / name).is_file()] if run_dir else []
         if not files:
             return
         artifact = wandb.Artifact(
-            f"results-{self.run_info.get('run_id', self.run.id)}",
+            f"results-{self.run_info.get('run_id', self._open_run.id)}",
             type="results",
             description="pilot's result files of this run: sessions.csv, matrix.csv, config.yaml",
             metadata={k: v for k, v in self.run_info.items() if isinstance(v, (str, int, float, bool))},
         )
         for path in files:
             artifact.add_file(str(path), name=path.name)
-        self.run.log_artifact(artifact)
+        self._open_run.log_artifact(artifact)
 
     def _guard(self, what: str, fn, *args) -> None:
         try:

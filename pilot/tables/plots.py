@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from pilot.tables.render import PRETTY, _row_label
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType  # matplotlib >= 3.9; only for the annotation
 from pilot.tables.results import (
     MATRIX_FILE,
     MATRIX_SPEC,
@@ -42,7 +45,7 @@ from pilot.tables.results import (
 COLUMN_WIDTH_IN = 3.3
 DPI = 300
 FORMATS = ("png", "svg", "pdf")
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 7,
     "axes.titlesize": 7,
     "axes.labelsize": 7,
@@ -72,7 +75,7 @@ OKABE_ITO = (
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 # Plain dashes ("--") are left out: they mark published values.
 LINESTYLES = ("-", "-.", ":", (0, (3, 1, 1, 1, 1, 1)))
-PUBLISHED_STYLE = {"ls": "--", "mfc": "none", "lw": 0.8}
+PUBLISHED_STYLE: dict[str, Any] = {"ls": "--", "mfc": "none", "lw": 0.8}
 MAX_SESSION_TICKS = 12  # up to this many sessions every one gets a tick; beyond, about 10 do
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -127,7 +127,8 @@ def _grid(cells: pd.DataFrame, digits: int, latex: bool) -> _Grid:
     empty = "--" if latex else "—"
     index = {tuple(r[k] for k in ROW + SETTING + ["metric"]): r for r in cells.to_dict("records")}
     seeds = cells.groupby(ROW + SETTING)["n"].max().to_dict()
-    header, spans = [], []
+    header: list[str] = []
+    spans: list[tuple[tuple[Any, ...], int, int]] = []
     for setting in settings:
         start = len(header)
         for metric in metrics:

@@ -390,9 +390,9 @@ def _check_rows(records: list[Record]) -> tuple[list[str], list[str], list[Recor
             notes.append(f"line {line} repeats line {first_line} (session {session}) exactly: counted once")
         else:
             differ = [c for c in first if c != "finished_at" and not _same(first[c], record[c])][:2] or ["finished_at"]
-            values = ", ".join(f"{c} {first[c]} vs {record[c]}" for c in differ)
+            pairs = ", ".join(f"{c} {first[c]} vs {record[c]}" for c in differ)
             problems.append(
-                f"session {session} appears on lines {first_line} and {line} with different values ({values})"
+                f"session {session} appears on lines {first_line} and {line} with different values ({pairs})"
             )
     if problems:
         return problems, notes, kept
@@ -497,7 +497,8 @@ def _mismatch_with_description(rows: pd.DataFrame, split: dict[str, Any], config
             f"its rows have seed {first['seed']} but {CONFIG_FILE} beside it has seed {config['seed']}: "
             "another run wrote into this directory"
         )
-    labels = config.get("labels") if isinstance(config.get("labels"), dict) else {}
+    found = config.get("labels")
+    labels = found if isinstance(found, dict) else {}
     for key in ("method", "dataset", "backbone"):
         if key in labels and str(labels[key]) != str(first[key]):
             return (
