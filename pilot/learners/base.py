@@ -56,7 +56,7 @@ class CheckedConstruction(ABCMeta):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         params = _bind(cls, args, kwargs)
         if params is not None:
-            cls.check_requirements(params["backbone"], params["scenario"], params)
+            getattr(cls, "check_requirements")(params["backbone"], params["scenario"], params)
         return super().__call__(*args, **kwargs)
 
 
@@ -64,7 +64,7 @@ def _bind(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | No
     """``__init__``'s arguments by name, or None when they do not bind (``__init__`` then raises its
     own TypeError) or do not hold a real backbone and scenario."""
     try:
-        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        bound = inspect.signature(getattr(cls, "__init__")).bind(None, *args, **kwargs)
     except TypeError:
         return None
     bound.apply_defaults()
@@ -167,14 +167,14 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         self.load_state_dict(state)
 
     # ------------------------------------------------------------------------- checkpoints
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict(*args, **kwargs)
         if self.backbone.frozen:
             prefix = kwargs.get("prefix", "") + BACKBONE_PREFIX
             state = type(state)((k, v) for k, v in state.items() if not k.startswith(prefix))
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False):
         if not self.backbone.frozen:
             return super().load_state_dict(state, strict=strict, assign=assign)
         result = super().load_state_dict(state, strict=False, assign=assign)

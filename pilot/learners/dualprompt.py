@@ -195,7 +195,7 @@ class DualPrompt(PromptPoolLearner):
         return self.head(self.vit.pooled(features))
 
     @property
-    def pool(self) -> PromptPool:
+    def pool(self) -> PromptPool:  # type: ignore[override]
         """The pool selected by key: the E-prompts."""
         return self.e_pool
 

@@ -31,7 +31,7 @@ once per run.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,8 @@ class EASE(Learner):
     """Frozen ViT + one adapter set per session, prototype ensemble over all subspaces."""
 
     requires_vit = True
+    prototypes: torch.Tensor  # [seen classes, subspaces, D] buffer
+    class_session: torch.Tensor
 
     def __init__(
         self,
@@ -152,7 +154,7 @@ class EASE(Learner):
         self.class_session = torch.as_tensor(self.scenario.session_of_label[: info.total], device=device)
 
     def train_session(self, session: SessionData) -> None:
-        current, known = self.adapters[-1], self.known
+        current, known = self.adapter_sets[-1], self.known
 
         def loss_fn(batch: Batch) -> torch.Tensor:
             feats = multi_adapter_features(self.backbone, self.backbone.vit, batch.images, [current])[:, 0]
@@ -186,10 +188,15 @@ class EASE(Learner):
         return ensemble_logits(feats, self.prototypes, self.class_session, self.alpha)
 
     # --------------------------------------------------------------------------- features
+    @property
+    def adapter_sets(self) -> list[AdapterSet]:
+        """The adapter sets so far, one per session (``self.adapters`` as a typed list)."""
+        return cast(list[AdapterSet], list(self.adapters))
+
     def subspace_features(self, images: torch.Tensor, sets: Sequence[AdapterSet] | None = None) -> torch.Tensor:
         """``[B, K, D]``: the pooled feature of ``images`` under each adapter set (default: all),
         ``sets_per_pass`` sets per batched pass (None: all in one)."""
-        sets = list(self.adapters) if sets is None else list(sets)
+        sets = self.adapter_sets if sets is None else list(sets)
         step = self.sets_per_pass or len(sets)
         parts = [
             multi_adapter_features(self.backbone, self.backbone.vit, images, sets[k : k + step])
@@ -200,7 +207,7 @@ class EASE(Learner):
     def _cached_subspace_features(self, batch: Batch) -> torch.Tensor:
         """Features under every set; frozen sets are looked up in / stored into their cache, the
         missing sets are computed together in one batched pass."""
-        sets = list(self.adapters)
+        sets = self.adapter_sets
         if not self.cache_features or batch.augmented:
             return self.runtime.chunked(lambda x: self.subspace_features(x, sets), batch.images)
         while len(self._caches) < len(sets):
@@ -223,7 +230,7 @@ class EASE(Learner):
             self.adapters[-1].requires_grad_(False)  # its session had ended
             self.proxy_fc.requires_grad_(False)
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False):
         for cache in self._caches:
             cache.clear()
         return super().load_state_dict(state, strict=strict, assign=assign)

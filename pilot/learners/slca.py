@@ -34,7 +34,7 @@ fixed ones, SimpleCIL 78.2). ViTs have no BatchNorm. Statistics passes run in ev
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory, build_optimizer, train_epochs
+from pilot.learners.training import OptimizerFactory, ParamGroups, SchedulerFactory, build_optimizer, train_epochs
 from pilot.modules.alignment import align_classifier
 from pilot.modules.classifiers import linear_head
 from pilot.modules.features import extract_features
@@ -70,6 +70,8 @@ class SLCA(Learner):
     """Slow-learning backbone + per-session linear heads + classifier alignment on class Gaussians."""
 
     requires_vit = False
+    aligned_weight: torch.Tensor  # [seen classes, D] buffers: the aligned heads predict uses
+    aligned_bias: torch.Tensor
 
     def __init__(
         self,
@@ -136,7 +138,7 @@ class SLCA(Learner):
         if backbone_params:
             groups.insert(0, {"params": backbone_params})
 
-        def scaled(groups: list[dict[str, Any]]) -> Optimizer:  # backbone lr scaled before the scheduler records it
+        def scaled(groups: ParamGroups) -> Optimizer:  # backbone lr scaled before the scheduler records it
             opt = self.optimizer(groups)
             if backbone_params:
                 opt.param_groups[0]["lr"] *= self.backbone_lr_scale
@@ -165,8 +167,8 @@ class SLCA(Learner):
 
         stage1 = FP32Linear(self.backbone.feature_dim, info.total).to(self.aligned_weight.device)
         with torch.no_grad():
-            stage1.weight.copy_(torch.cat([h.weight for h in self.heads]))
-            stage1.bias.copy_(torch.cat([h.bias for h in self.heads]))
+            stage1.weight.copy_(torch.cat([cast(nn.Linear, h).weight for h in self.heads]))
+            stage1.bias.copy_(torch.cat([cast(nn.Linear, h).bias for h in self.heads]))
         if info.index > 0 and self.ca_epochs > 0:
             device = self.aligned_weight.device
             align_classifier(

@@ -21,7 +21,7 @@ from pilot.runtime import Runtime
 LossFn = Callable[[Any], torch.Tensor]  # batch (a Batch, or alignment's (inputs, targets)) -> scalar loss
 Batches = Union[Iterable[Any], Callable[[int], Iterable[Any]]]  # a stream, or epoch -> that epoch's stream
 ParamGroups = Iterable[Any]  # parameters, or optimiser parameter groups (dicts)
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]  # e.g. partial(Adam, lr=...) from YAML
+OptimizerFactory = Callable[[ParamGroups], Optimizer]  # e.g. partial(Adam, lr=...) from YAML
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 EpochHook = Callable[[int, float, float], None]
 """``hook(epoch, loss, lr)`` after each epoch: the epoch (from 0, within one :func:`train_epochs`

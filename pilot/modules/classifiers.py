@@ -20,6 +20,9 @@ class CosineLinear(nn.Module):
     head that is trained). Prototype rows need no normalisation: cosine scoring ignores their norm.
     """
 
+    sigma: nn.Parameter | None
+    fixed_sigma: torch.Tensor
+
     def __init__(self, in_features: int, learn_sigma: bool = True) -> None:
         super().__init__()
         self.in_features = in_features

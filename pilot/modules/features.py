@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sized
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ def _extract(
     full_precision: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
-    for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if hasattr(batches, "__len__") else None):
+    for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if isinstance(batches, Sized) else None):
         with runtime.autocast() if not full_precision else contextlib.nullcontext():
             out = cache(batch, fn, runtime) if cache is not None else runtime.chunked(fn, batch.images)
         feats.append(out.float())

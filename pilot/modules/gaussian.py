@@ -90,6 +90,9 @@ class ClassGaussians(nn.Module):
     Memory: ``C * D * D * 8`` bytes (ViT-B, 100 classes: 472 MB; 200 classes: 944 MB).
     """
 
+    means: torch.Tensor  # [C, D] float64 buffer
+    covs: torch.Tensor  # [C, D, D] float64 buffer
+
     def __init__(self, dim: int, shrink: float = 1e-4) -> None:
         super().__init__()
         self.dim = dim
