@@ -620,6 +620,24 @@ def stacked_prefixes(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], lay
     return torch.stack([torch.stack([detached(prefixes[i][0]), detached(prefixes[i][1])]) for i in layers])
 
 
+def _our_step(learner: Any, batch: Any, train: bool) -> tuple[Any, Any]:
+    """One training step's loss (backward done, gradients on the parameters) or one prediction."""
+    if train:
+        learner.train()
+        learner.zero_grad(set_to_none=True)
+        loss = learner.loss(batch)
+        loss.backward()
+        return loss, None
+    learner.eval()
+    return None, learner.predict(batch)
+
+
+def _eval_record(predicted: Any, labels: Any) -> Record:
+    """Predictions and accuracy (%) of one evaluated batch."""
+    predictions = predicted.argmax(dim=1)
+    return {"predictions": predictions, "accuracy": float((predictions == labels).float().mean() * 100)}
+
+
 def our_dual_pass(learner: Any, batch: Any, total: int, train: bool) -> Record:
     """One training loss + backward, or one ``predict``, with the intermediate values recorded."""
     queries, selections, prefixes, logits = [], [], [], []
@@ -629,14 +647,7 @@ def our_dual_pass(learner: Any, batch: Any, total: int, train: bool) -> Record:
         spy(learner, "prefixes", prefixes, fn=lambda p: stacked_prefixes(p, E_LAYERS)),
         spy(learner, "logits", logits),
     ):
-        if train:
-            learner.train()
-            learner.zero_grad(set_to_none=True)
-            loss = learner.loss(batch)
-            loss.backward()
-        else:
-            learner.eval()
-            predicted = learner.predict(batch)
+        loss, predicted = _our_step(learner, batch, train)
     record = {
         "query": queries[0],
         "prompt_ids": selections[0][0],
@@ -646,10 +657,7 @@ def our_dual_pass(learner: Any, batch: Any, total: int, train: bool) -> Record:
     if train:
         record.update(pull=selections[0][1], loss=detached(loss), grads=our_dual_grads(learner))
     else:
-        record.update(
-            predictions=predicted.argmax(dim=1),
-            accuracy=float((predicted.argmax(dim=1) == batch.labels).float().mean() * 100),
-        )
+        record.update(_eval_record(predicted, batch.labels))
     return record
 
 
@@ -718,22 +726,12 @@ def our_coda_pass(learner: Any, batch: Any, total: int, train: bool) -> Record:
         spy(learner, "prefixes", prefixes, fn=lambda out: stacked_prefixes(out[0], layers)),
         spy(learner, "logits", logits),
     ):
-        if train:
-            learner.train()
-            learner.zero_grad(set_to_none=True)
-            loss = learner.loss(batch)
-            loss.backward()
-        else:
-            learner.eval()
-            predicted = learner.predict(batch)
+        loss, predicted = _our_step(learner, batch, train)
     record = {"query": queries[0], "prefixes": prefixes[0], "logits": logits[0][:, :total]}
     if train:
         record.update(loss=detached(loss), grads=our_coda_grads(learner))
     else:
-        record.update(
-            predictions=predicted.argmax(dim=1),
-            accuracy=float((predicted.argmax(dim=1) == batch.labels).float().mean() * 100),
-        )
+        record.update(_eval_record(predicted, batch.labels))
     return record
 
 
