@@ -40,7 +40,7 @@ from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError, ResumeError
 from pilot.eval.evaluator import Evaluator
 from pilot.learners.base import Learner
-from pilot.run_info import config_hash, data_hash, eval_protocol, make_run_info
+from pilot.provenance import config_hash, data_hash, eval_protocol, make_provenance
 from pilot.rundir import (
     CHECKPOINT_FILE,
     RunDirLock,
@@ -137,20 +137,20 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
     progress.saved = checkpoint["sessions_done"] if checkpoint is not None else 0
     parts = build_data(cfg)
     runtime, scenario = parts.runtime, parts.scenario
-    run_info = make_run_info(cfg, scenario.name, scenario.num_sessions)
+    provenance = make_provenance(cfg, scenario.name, scenario.num_sessions)
     start = time.perf_counter()
-    run_info["data_hash"] = data_hash(parts.data)
-    log.debug("data_hash %s in %.2fs", run_info["data_hash"], time.perf_counter() - start)
+    provenance["data_hash"] = data_hash(parts.data)
+    log.debug("data_hash %s in %.2fs", provenance["data_hash"], time.perf_counter() - start)
     progress.num_sessions = scenario.num_sessions
     model = build_model(cfg, parts)
     learner, evaluator = model.learner, model.evaluator
-    run_info["weights_hash"] = model.weights_hash
-    run_info["eval_protocol"] = eval_protocol(learner.eval_protocol, scenario.shuffle_test)
+    provenance["weights_hash"] = model.weights_hash
+    provenance["eval_protocol"] = eval_protocol(learner.eval_protocol, scenario.shuffle_test)
     if checkpoint is not None:
-        _check_same_inputs(checkpoint, run_info, run_dir)
+        _check_same_inputs(checkpoint, provenance, run_dir)
     if overwrite:
         _clear_previous_results(run_dir)
-    _save_run_description(run_dir, cfg, parts.data, scenario, run_info)
+    _save_run_description(run_dir, cfg, parts.data, scenario, provenance)
 
     history: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     if checkpoint is not None:
@@ -159,9 +159,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
             "Resuming %s: sessions 0-%d of %d are done", run_dir, checkpoint["sessions_done"] - 1, scenario.num_sessions
         )
 
-    sinks = _open_sinks(cfg, run_dir, run_info, history)
+    sinks = _open_sinks(cfg, run_dir, provenance, history)
     try:
-        _log_start(run_info, scenario, learner, runtime, len(history))
+        _log_start(provenance, scenario, learner, runtime, len(history))
         for info in scenario.sessions[len(history) :]:
             progress.current = info.index
             runtime.on_epoch = epoch_hook(sinks, info.index)  # per-epoch loss and lr to the sinks
@@ -172,15 +172,15 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
             save_checkpoint(
                 run_dir,
                 {
-                    "run_id": run_info["run_id"],
+                    "run_id": provenance["run_id"],
                     "sessions_done": info.index + 1,
                     "learner": learner.state_dict(),
                     "evaluator": evaluator.state_dict(),
                     "val_evaluator": model.val_evaluator.state_dict() if model.val_evaluator else None,
                     "history": history,
                     "rng": rng_state(),
-                    "data_hash": run_info["data_hash"],
-                    "weights_hash": run_info["weights_hash"],
+                    "data_hash": provenance["data_hash"],
+                    "weights_hash": provenance["weights_hash"],
                 },
             )
             progress.saved = info.index + 1
@@ -276,12 +276,12 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _check_same_inputs(checkpoint: dict[str, Any], run_info: dict[str, Any], run_dir: Path) -> None:
+def _check_same_inputs(checkpoint: dict[str, Any], provenance: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume on other data or other starting weights than the checkpoint was made with
     (same config, but the dataset files or the pretrained weights changed in between). Checkpoints
     written before the hashes existed, and hashes that are unknown, are not compared."""
     for key, what in (("data_hash", "dataset"), ("weights_hash", "backbone weights")):
-        before, now = checkpoint.get(key), run_info.get(key)
+        before, now = checkpoint.get(key), provenance.get(key)
         if before and now and before != now:
             raise ResumeError(
                 f"The checkpoint in {run_dir} was made with other {what} ({key} {before}, now {now}): the run "
@@ -309,7 +309,7 @@ def _clear_previous_results(run_dir: Path) -> None:
 
 
 def _save_run_description(
-    run_dir: Path, cfg: DictConfig, data: ClassificationData, scenario: Scenario, run_info: dict[str, Any]
+    run_dir: Path, cfg: DictConfig, data: ClassificationData, scenario: Scenario, provenance: dict[str, Any]
 ) -> None:
     """The resolved config, the class order and the session split, beside the results."""
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -324,16 +324,16 @@ def _save_run_description(
         }
         for s in scenario.sessions
     ]
-    (run_dir / "sessions.json").write_text(json.dumps({**run_info, "sessions": sessions}, indent=1))
+    (run_dir / "sessions.json").write_text(json.dumps({**provenance, "sessions": sessions}, indent=1))
 
 
-def _open_sinks(cfg: DictConfig, run_dir: Path, run_info: dict[str, Any], history: list) -> list[Sink]:
+def _open_sinks(cfg: DictConfig, run_dir: Path, provenance: dict[str, Any], history: list) -> list[Sink]:
     sinks = [build(node) for node in (cfg.logger or {}).values()]
     if not any(isinstance(s, CsvSink) for s in sinks):
         raise ConfigError("logger must include the csv sink (results, resume and tables read it); e.g. logger=csv")
     config = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
-        sink.open(run_dir, run_info, config, history)
+        sink.open(run_dir, provenance, config, history)
     return sinks
 
 
@@ -372,25 +372,25 @@ def _format_table(table: pd.DataFrame) -> str:
     return table[SUMMARY_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
 
 
-def _log_start(run_info: dict[str, Any], scenario: Scenario, learner: Learner, runtime: Runtime, done: int) -> None:
+def _log_start(provenance: dict[str, Any], scenario: Scenario, learner: Learner, runtime: Runtime, done: int) -> None:
     log.info(
         "%s | %s | %s | %s (%d sessions: %s) | seed %d | %s %s | run_id %s",
-        run_info["method"],
-        run_info["dataset"],
-        run_info["backbone"],
+        provenance["method"],
+        provenance["dataset"],
+        provenance["backbone"],
         scenario.name,
         scenario.num_sessions,
         list(scenario.sizes),
-        run_info["seed"],
+        provenance["seed"],
         runtime.device,
         runtime.precision if runtime.is_cuda else "fp32",
-        run_info["run_id"],
+        provenance["run_id"],
     )
     log.info(
         "data_hash %s | weights_hash %s | eval %s",
-        run_info["data_hash"] or "unknown",
-        run_info["weights_hash"] or "unknown",
-        run_info["eval_protocol"],
+        provenance["data_hash"] or "unknown",
+        provenance["weights_hash"] or "unknown",
+        provenance["eval_protocol"],
     )
     if done:
         log.info("%d session(s) already finished; continuing with session %d", done, done)

@@ -53,8 +53,8 @@ from pilot.config import compose_config  # noqa: E402
 from pilot.data.pipeline import TRAIN  # noqa: E402
 from pilot.loop import build_data, build_model, evaluate, run  # noqa: E402
 from pilot.modules.features import extract_features  # noqa: E402
+from pilot.registry import learner_names  # noqa: E402
 
-METHODS = ("simplecil", "l2p", "dualprompt", "coda", "ease", "slca")
 # Issue 6 targets on an H100 (images/s): training, and evaluation (one-pass >= 4000, two-pass >= 2000).
 TARGETS = {
     "simplecil": {"feature_ips": 5000, "eval_ips": 4000},
@@ -339,7 +339,7 @@ def print_summary(rows: list[dict[str, Any]], tiny: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(learner_names()), help="default: every registered learner")
     parser.add_argument("--data", default="synthetic,jpeg", help="synthetic, jpeg or both (comma-separated)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--device", default="auto")

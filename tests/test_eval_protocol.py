@@ -26,7 +26,7 @@ from pilot.data.manifest import manifest_hash
 from pilot.data.pipeline import TEST, DataPipeline
 from pilot.errors import ResumeError
 from pilot.loop import RunInterrupted, build_data, build_model
-from pilot.run_info import array_hash, data_hash
+from pilot.provenance import array_hash, data_hash
 from pilot.sinks.csv import CsvSink
 from pilot.tables.results import protocol_mark
 

@@ -27,7 +27,7 @@ from pilot.modules.classifiers import CosineLinear, class_means, linear_head
 from pilot.modules.features import extract_features
 from pilot.modules.gaussian import ClassGaussians, class_statistics, sample_gaussians
 from pilot.modules.precision import FP32Linear, float32_compute
-from pilot.modules.prompts import coda_weights, cosine_similarity, gram_schmidt_slice
+from pilot.modules.prompt_pools import coda_weights, cosine_similarity, gram_schmidt_slice
 from pilot.runtime import Runtime
 
 

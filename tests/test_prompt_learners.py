@@ -26,7 +26,7 @@ from pilot.learners.dualprompt import DualPrompt
 from pilot.learners.l2p import L2P
 from pilot.learners.schedules import coda_cosine
 from pilot.modules.masking import mask_old_classes
-from pilot.modules.prompts import (
+from pilot.modules.prompt_pools import (
     CodaPromptPool,
     PromptPool,
     batchwise_vote,

@@ -8,7 +8,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pilot.backbones.prompting import PromptedViT, prefix_attention, prompt_position_embedding
+from pilot.backbones.prompted_vit import PromptedViT, prefix_attention, prompt_position_embedding
 from pilot.errors import IncompatibleBackboneError
 
 

@@ -89,7 +89,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path, fast):
 
 
 def test_seeds_share_a_group_but_not_a_run_id(tmp_path, fast):
-    from pilot.run_info import config_hash
+    from pilot.provenance import config_hash
 
     a = compose_config(fast + ["+method=simplecil", "seed=1"], tmp_path)
     b = compose_config(fast + ["+method=simplecil", "seed=2"], tmp_path)

@@ -215,7 +215,7 @@ def test_overwrite_keeps_the_old_results_when_the_new_run_cannot_start(done):
 
 
 def test_overwrite_does_not_change_the_run_id(tmp_path):
-    from pilot.run_info import config_hash
+    from pilot.provenance import config_hash
 
     a = compose_config(TWO_SESSIONS, tmp_path)
     b = compose_config(TWO_SESSIONS + ["overwrite=true"], tmp_path)

@@ -145,7 +145,7 @@ def test_run_writes_validation_accuracy(tmp_path):
 def test_val_fraction_zero_keeps_older_run_ids(tmp_path):
     """The new keys at their default stay out of the hashes: runs recorded before they existed keep their
     run_id and group_id (resume, tables)."""
-    from pilot.run_info import config_hash
+    from pilot.provenance import config_hash
 
     plain = compose_config(FAST + ["+method=simplecil"], tmp_path)
     older = compose_config(FAST + ["+method=simplecil", "~scenario.val_fraction", "~scenario.shuffle_test"], tmp_path)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pilot.backbones.backbone import Backbone
-from pilot.backbones.prompting import Prefix, PromptedViT
+from pilot.backbones.prompted_vit import Prefix, PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
@@ -35,7 +35,7 @@ from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
-from pilot.modules.prompts import CodaPromptPool
+from pilot.modules.prompt_pools import CodaPromptPool
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import EvenPositiveInt, NonNegativeFloat, NonNegativeInt, PositiveInt

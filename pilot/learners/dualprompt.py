@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from pilot.backbones.backbone import Backbone
-from pilot.backbones.prompting import Prefix
+from pilot.backbones.prompted_vit import Prefix
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
-from pilot.learners.prompt_pool import PromptPoolLearner
+from pilot.learners.prompt_pool_learner import PromptPoolLearner
 from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
-from pilot.modules.prompts import PromptPool
+from pilot.modules.prompt_pools import PromptPool
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveInt

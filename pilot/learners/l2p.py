@@ -20,10 +20,10 @@ import torch
 
 from pilot.backbones.backbone import Backbone
 from pilot.data.scenario import Scenario
-from pilot.learners.prompt_pool import PromptPoolLearner
+from pilot.learners.prompt_pool_learner import PromptPoolLearner
 from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
-from pilot.modules.prompts import PromptPool
+from pilot.modules.prompt_pools import PromptPool
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveInt

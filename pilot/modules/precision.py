@@ -13,7 +13,7 @@ rounding, and class covariances pick up the rounding noise of every feature. The
 * SLCA's class-statistics pass and its evaluation pass run the backbone itself in float32: the
   covariances are the most sensitive statistic, and the heads aligned on them then see test features
   of the same precision (each pass is one forward over a session's images: a few % of SLCA's time);
-* prompt selection scores, CODA's component weights and Gram-Schmidt (float64) (``modules/prompts.py``).
+* prompt selection scores, CODA's component weights and Gram-Schmidt (float64) (``modules/prompt_pools.py``).
 
 All of this costs little: heads and statistics are tiny next to the backbone.
 """

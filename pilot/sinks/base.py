@@ -22,7 +22,7 @@ class Sink(ABC):
     def open(
         self,
         run_dir: Path,
-        run_info: dict[str, Any],
+        provenance: dict[str, Any],
         config: dict[str, Any],
         previous: list[tuple[dict[str, Any], list[dict[str, Any]]]],
     ) -> None: ...

@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pilot.run_info import RUN_EXTRA_KEYS
+from pilot.provenance import RUN_EXTRA_KEYS
 from pilot.sinks.base import Sink
 
 RUN_COLUMNS = ["run_id", "group_id", "method", "dataset", "backbone", "scenario", "seed", "num_sessions"]
 # Run-level values known once the data and the backbone are built; empty cells where unknown.
-RUN_EXTRA_COLUMNS = list(RUN_EXTRA_KEYS)  # data_hash, weights_hash, eval_protocol (see pilot.run_info)
+RUN_EXTRA_COLUMNS = list(RUN_EXTRA_KEYS)  # data_hash, weights_hash, eval_protocol (see pilot.provenance)
 SESSION_COLUMNS = RUN_COLUMNS + [
     "session",
     "n_seen",
@@ -52,9 +52,9 @@ class CsvSink(Sink):
     def __init__(self, float_format: str = "%.4f") -> None:
         self.float_format = float_format
 
-    def open(self, run_dir, run_info, config, previous) -> None:
-        self.run_info = {k: run_info[k] for k in RUN_COLUMNS}
-        self.run_info |= {k: run_info.get(k) for k in RUN_EXTRA_COLUMNS}  # None: an empty cell
+    def open(self, run_dir, provenance, config, previous) -> None:
+        self.provenance = {k: provenance[k] for k in RUN_COLUMNS}
+        self.provenance |= {k: provenance.get(k) for k in RUN_EXTRA_COLUMNS}  # None: an empty cell
         self.files = {}
         for name, columns in ((SESSIONS_FILE, SESSION_COLUMNS), (MATRIX_FILE, MATRIX_COLUMNS)):
             handle = open(Path(run_dir) / name, "w", newline="")  # rewritten on resume: drops rows past the checkpoint
@@ -74,9 +74,9 @@ class CsvSink(Sink):
             handle.close()
 
     def _append(self, record: dict[str, Any], matrix_rows: list[dict[str, Any]]) -> None:
-        self.files[SESSIONS_FILE][1].writerow(self._format({**self.run_info, **record}))
+        self.files[SESSIONS_FILE][1].writerow(self._format({**self.provenance, **record}))
         for row in matrix_rows:
-            self.files[MATRIX_FILE][1].writerow(self._format({**self.run_info, **row}))
+            self.files[MATRIX_FILE][1].writerow(self._format({**self.provenance, **row}))
 
     def _format(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {}

@@ -6,7 +6,7 @@ are written independently and are never lost to it. ``import wandb`` happens onl
 
 What a run holds:
 
-* config: the resolved config, plus the run's identity (:func:`pilot.run_info.make_run_info`: run_id,
+* config: the resolved config, plus the run's identity (:func:`pilot.provenance.make_provenance`: run_id,
   group_id, labels, ...) under ``pilot``; group = ``group_id`` (the seeds of one setting), tags =
   method, dataset, scenario and backbone (and ``logger.wandb.tags``);
 * per epoch of the shared epoch loop (:meth:`log_epoch`, fed by ``runtime.on_epoch``):
@@ -57,10 +57,10 @@ def wandb_settings() -> dict[str, Any]:
     return {"silent": True, "console": "off"}
 
 
-def run_tags(run_info: dict[str, Any], extra: list[str]) -> list[str]:
+def run_tags(provenance: dict[str, Any], extra: list[str]) -> list[str]:
     """``extra`` (``logger.wandb.tags``), then the run's method, dataset, scenario and backbone; each
     once, in that order, at most 64 characters (W&B's limit)."""
-    tags = [*extra, *(str(run_info[k]) for k in TAG_KEYS if run_info.get(k) not in (None, ""))]
+    tags = [*extra, *(str(provenance[k]) for k in TAG_KEYS if provenance.get(k) not in (None, ""))]
     return [t[:64] for t in dict.fromkeys(tags)]
 
 
@@ -76,25 +76,25 @@ class WandbSink(Sink):
         self.project, self.entity, self.tags = project, entity, list(tags or [])
         self.run: Run | None = None
         self.run_dir: Path | None = None
-        self.run_info: dict[str, Any] = {}
+        self.provenance: dict[str, Any] = {}
         self.matrix_rows: list[dict[str, Any]] = []
         self.epochs_logged = 0
         self.session_metrics: set[str] = set()
         self.media = True
 
-    def open(self, run_dir, run_info, config, previous) -> None:
+    def open(self, run_dir, provenance, config, previous) -> None:
         if self.mode == "disabled":
             return
-        self._guard("open", self._open, Path(run_dir), run_info, config, previous)
+        self._guard("open", self._open, Path(run_dir), provenance, config, previous)
 
-    def _open(self, run_dir: Path, run_info: dict[str, Any], config: dict[str, Any], previous) -> None:
+    def _open(self, run_dir: Path, provenance: dict[str, Any], config: dict[str, Any], previous) -> None:
         import wandb
 
-        self.run_dir, self.run_info = run_dir, dict(run_info)
+        self.run_dir, self.provenance = run_dir, dict(provenance)
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
-        name = f"{run_info['method']}-{run_info['dataset']}-{run_info['scenario']}-s{run_info['seed']}"
+        name = f"{provenance['method']}-{provenance['dataset']}-{provenance['scenario']}-s{provenance['seed']}"
         self.run = wandb.init(
             mode=self.mode,
             project=self.project,
@@ -102,15 +102,15 @@ class WandbSink(Sink):
             dir=str(run_dir),
             id=run_id,
             name=name,
-            group=run_info["group_id"],
-            tags=run_tags(run_info, self.tags),
+            group=provenance["group_id"],
+            tags=run_tags(provenance, self.tags),
             config=config,
             resume="allow",
             job_type="train",
             settings=wandb.Settings(**wandb_settings()),
         )
         run = self.run
-        run.config.update({"pilot": run_info}, allow_val_change=True)
+        run.config.update({"pilot": provenance}, allow_val_change=True)
         if self.mode == "offline":
             log.info("W&B run saved offline; upload with: wandb sync %s", run.settings.sync_dir)
         else:
@@ -189,7 +189,7 @@ class WandbSink(Sink):
             columns: list[str | int] = ["session", *(f"block {j}" for j in range(len(R)))]
             data = [[k] + [None if math.isnan(v) else float(v) for v in R[k]] for k in range(len(R))]
             with rc_context(STYLE):
-                figure = heatmap_figure(R, heatmap_title(self.run_info), dpi=HEATMAP_DPI)
+                figure = heatmap_figure(R, heatmap_title(self.provenance), dpi=HEATMAP_DPI)
                 png = io.BytesIO()
                 figure.savefig(png, format="png", dpi=HEATMAP_DPI)
             png.seek(0)
@@ -221,10 +221,10 @@ class WandbSink(Sink):
         if not files:
             return
         artifact = wandb.Artifact(
-            f"results-{self.run_info.get('run_id', self._open_run.id)}",
+            f"results-{self.provenance.get('run_id', self._open_run.id)}",
             type="results",
             description="pilot's result files of this run: sessions.csv, matrix.csv, config.yaml",
-            metadata={k: v for k, v in self.run_info.items() if isinstance(v, (str, int, float, bool))},
+            metadata={k: v for k, v in self.provenance.items() if isinstance(v, (str, int, float, bool))},
         )
         for path in files:
             artifact.add_file(str(path), name=path.name)

@@ -5,7 +5,7 @@
                            [--plots] [--heatmap RUN_DIR] [--out DIR]
 
 Every ``sessions.csv`` under the given directories is one run (single runs and Hydra multirun sweeps
-alike). Runs that differ only by their seed share a ``group_id`` (pilot/run_info.py) and make one
+alike). Runs that differ only by their seed share a ``group_id`` (pilot/provenance.py) and make one
 table cell: mean ± sample std (ddof=1) over seeds of the last session's values, with the number of
 seeds. Rows are methods, columns are settings (dataset × backbone × scenario) × metrics:
 

@@ -93,7 +93,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 import yaml
 
-from pilot.run_info import NON_SEMANTIC_KEYS, SEMANTIC_RUNTIME_KEYS, drop_later_defaults
+from pilot.provenance import NON_SEMANTIC_KEYS, SEMANTIC_RUNTIME_KEYS, drop_later_defaults
 from pilot.sinks.csv import MATRIX_COLUMNS, RUN_COLUMNS, RUN_EXTRA_COLUMNS, SESSION_COLUMNS
 
 SESSIONS_FILE, MATRIX_FILE, CONFIG_FILE, SPLIT_FILE = "sessions.csv", "matrix.csv", "config.yaml", "sessions.json"
@@ -460,7 +460,7 @@ def _load_config(path: Path) -> tuple[dict[str, Any] | None, str]:
 
 def _flat_config(config: dict[str, Any] | None, seed: Any) -> dict[str, str] | None:
     """The resolved config as ``{dotted.key: value}`` with what does not define the setting removed
-    (exactly what ``run_info.config_hash`` leaves out, and the seed)."""
+    (exactly what ``provenance.config_hash`` leaves out, and the seed)."""
     if not isinstance(config, dict):
         return None
     config = {k: v for k, v in drop_later_defaults(config).items() if k not in NON_SEMANTIC_KEYS and k != "seed"}

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from pilot.backbones.backbone import Backbone
-from pilot.backbones.prompting import PromptedViT
+from pilot.backbones.prompted_vit import PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario
 from pilot.learners.base import Learner
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
-from pilot.modules.prompts import PromptPool, vote_aligned_batch_size
+from pilot.modules.prompt_pools import PromptPool, vote_aligned_batch_size
 from pilot.runtime import Runtime
 
 

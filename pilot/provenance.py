@@ -30,7 +30,7 @@ LATER_KEY_DEFAULTS: dict[tuple[str, str], Any] = {
     ("scenario", "val_fraction"): 0.0,
     ("scenario", "shuffle_test"): False,
 }
-# What make_run_info leaves unknown until the data and the backbone are built (None = unknown).
+# What make_provenance leaves unknown until the data and the backbone are built (None = unknown).
 RUN_EXTRA_KEYS = ("data_hash", "weights_hash", "eval_protocol")
 HASH_DIGITS = 12
 
@@ -64,7 +64,7 @@ def config_hash(cfg: DictConfig, ignore_seed: bool = False) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:HASH_DIGITS]
 
 
-def make_run_info(cfg: DictConfig, scenario_name: str, num_sessions: int) -> dict[str, Any]:
+def make_provenance(cfg: DictConfig, scenario_name: str, num_sessions: int) -> dict[str, Any]:
     """``run_id`` identifies the run (its whole config); ``group_id`` the setting with the seed
     left out, so that tables can group the seeds of one setting. ``data_hash``, ``weights_hash`` and
     ``eval_protocol`` start as None; the run loop fills them in once the data and the learner exist."""
