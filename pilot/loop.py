@@ -17,6 +17,7 @@ what ``pilot.tables --select-by`` chooses hyperparameters with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pilot import distributed
 from pilot.backbones.factory import weights_hash
 from pilot.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from pilot.config import build, ensure_writable_dir, validate_config
@@ -50,6 +52,7 @@ from pilot.rundir import (
     inspect_run_dir,
     interrupts_as_errors,
     read_flag,
+    read_resume,
     task_overrides,
 )
 from pilot.runtime import Runtime
@@ -123,11 +126,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> pd.DataFrame:
     The directory is locked for the whole run, and checked before anything is built: earlier
     results are only continued (``resume=true``) or deleted first (``overwrite=true``). Ctrl-C and
     SIGTERM end the run with a :class:`RunInterruptedError` that says how to resume it."""
-    resume, overwrite = read_flag(cfg, "resume"), read_flag(cfg, "overwrite")
+    resume_mode, overwrite = read_resume(cfg), read_flag(cfg, "overwrite")
     run_dir = ensure_writable_dir(Path(run_dir))
     progress = RunProgress(run_dir, task_overrides())
-    with interrupts_as_errors(progress), RunDirLock(run_dir):
-        check_start(run_dir, inspect_run_dir(run_dir), resume, overwrite)
+    # Data-parallel runs: rank 0 locks and checks the directory and writes everything; the others wait
+    # for its check, then compute alongside it (pilot.distributed).
+    main = distributed.is_main()
+    with interrupts_as_errors(progress), RunDirLock(run_dir) if main else contextlib.nullcontext():
+        resume = check_start(run_dir, inspect_run_dir(run_dir), resume_mode, overwrite) if main else False
+        resume = bool(distributed.broadcast_object(resume))  # rank 0's decision, once it has checked
         return _run_locked(cfg, run_dir, resume, overwrite, progress)
 
 
@@ -148,9 +155,12 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
     provenance["eval_protocol"] = eval_protocol(learner.eval_protocol, scenario.shuffle_test)
     if checkpoint is not None:
         _check_same_inputs(checkpoint, provenance, run_dir)
-    if overwrite:
+    main = distributed.is_main()
+    distributed.same_on_every_rank({"run_id": provenance["run_id"], "data_hash": provenance["data_hash"]})
+    if overwrite and main:
         _clear_previous_results(run_dir)
-    _save_run_description(run_dir, cfg, parts.data, scenario, provenance)
+    if main:
+        _save_run_description(run_dir, cfg, parts.data, scenario, provenance)
 
     history: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     if checkpoint is not None:
@@ -159,7 +169,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
             "Resuming %s: sessions 0-%d of %d are done", run_dir, checkpoint["sessions_done"] - 1, scenario.num_sessions
         )
 
-    sinks = _open_sinks(cfg, run_dir, provenance, history)
+    sinks = _open_sinks(cfg, run_dir, provenance, history) if main else []
     try:
         _log_start(provenance, scenario, learner, runtime, len(history))
         for info in scenario.sessions[len(history) :]:
@@ -169,20 +179,21 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
             history.append((record, matrix_rows))
             for sink in sinks:
                 sink.write(record, matrix_rows)
-            save_checkpoint(
-                run_dir,
-                {
-                    "run_id": provenance["run_id"],
-                    "sessions_done": info.index + 1,
-                    "learner": learner.state_dict(),
-                    "evaluator": evaluator.state_dict(),
-                    "val_evaluator": model.val_evaluator.state_dict() if model.val_evaluator else None,
-                    "history": history,
-                    "rng": rng_state(),
-                    "data_hash": provenance["data_hash"],
-                    "weights_hash": provenance["weights_hash"],
-                },
-            )
+            if main:
+                save_checkpoint(
+                    run_dir,
+                    {
+                        "run_id": provenance["run_id"],
+                        "sessions_done": info.index + 1,
+                        "learner": learner.state_dict(),
+                        "evaluator": evaluator.state_dict(),
+                        "val_evaluator": model.val_evaluator.state_dict() if model.val_evaluator else None,
+                        "history": history,
+                        "rng": rng_state(),
+                        "data_hash": provenance["data_hash"],
+                        "weights_hash": provenance["weights_hash"],
+                    },
+                )
             progress.saved = info.index + 1
             log.info(_session_line(record, scenario.num_sessions))
             stop = cfg.debug.stop_after_session
@@ -247,9 +258,11 @@ def evaluate(
     of every class seen after session ``info``, in batches of ``eval_batch_size``: class-sorted as the
     reference evaluates, or in a seeded random order with ``scenario.shuffle_test``."""
     evaluator.start_session(info.index)
-    batches = pipeline.eval_batches(split, range(0, info.total), learner.eval_batch_size)
+    batches = pipeline.eval_batches(split, range(0, info.total), learner.eval_batch_size, unit=learner.eval_unit)
     desc = f"eval s{info.index}" if split == TEST else f"{split} s{info.index}"
     for batch in learner.runtime.progress_bar(batches, desc=desc):
+        if len(batch) == 0:  # a data-parallel rank's empty part of a small last batch
+            continue
         logits = learner.predict(batch)
         if logits.shape != (len(batch), info.total):
             raise RuntimeError(

@@ -6,6 +6,8 @@
 * :func:`inspect_run_dir` and :func:`check_start` decide whether a run may start in a directory:
   results of an earlier run are only continued (``resume=true``) or deleted first
   (``overwrite=true``, see :func:`clear_results`), never silently mixed with new ones.
+  ``resume=auto`` continues where there is a checkpoint and starts afresh in an empty directory:
+  what a job that a scheduler may requeue (SLURM, ``pilot.launch``) needs.
 * :func:`interrupts_as_errors` turns Ctrl-C and SIGTERM into a :class:`RunInterruptedError` whose
   one-line message says which sessions are safe on disk and the command that resumes the run.
 
@@ -27,13 +29,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig
 
 from pilot.errors import ConfigError, ResultsExistError, ResumeError, RunDirBusyError, RunInterruptedError
-from pilot.sinks.csv import MATRIX_FILE, SESSIONS_FILE
+from pilot.sinks.csv import EPOCHS_FILE, MATRIX_FILE, SESSIONS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ HOLDER_FILE = ".pilot.lock.holder"
 OWN_FILES = (
     SESSIONS_FILE,
     MATRIX_FILE,
+    EPOCHS_FILE,
     CHECKPOINT_FILE,
     CHECKPOINT_FILE + ".tmp",
     "config.yaml",
@@ -55,6 +58,8 @@ OWN_FILES = (
 OWN_DIRS = ("wandb",)
 # Command-line keys that choose how a run starts; the resume command sets them itself.
 START_KEYS = ("resume", "overwrite", "hydra.run.dir")
+AUTO: Literal["auto"] = "auto"  # resume=auto: continue if there is a checkpoint, else start afresh
+ResumeMode = bool | Literal["auto"]  # the values of ``resume``
 
 
 # ----------------------------------------------------------------------------------------- lock
@@ -167,19 +172,55 @@ def read_flag(cfg: DictConfig, key: str) -> bool:
     raise ConfigError(f"{key}={value} is not a boolean: write {key}=true or {key}=false.")
 
 
-def check_start(run_dir: Path, contents: RunDirContents, resume: bool, overwrite: bool) -> None:
-    """Refuse to start where results would be lost or mixed; otherwise return."""
+def read_resume(cfg: DictConfig) -> ResumeMode:
+    """``resume``: true, false, or ``"auto"`` (continue if the run directory holds a checkpoint, else
+    start afresh); any other value is refused, as by :func:`read_flag`."""
+    value: Any = cfg.get("resume", False)
+    if isinstance(value, bool):
+        return value
+    if value == AUTO:
+        return AUTO
+    raise ConfigError(
+        f"resume={value} is not a boolean: write resume=true or resume=false, or resume=auto "
+        "(continue if the run directory holds a checkpoint, else start afresh)."
+    )
+
+
+def check_start(run_dir: Path, contents: RunDirContents, resume: ResumeMode, overwrite: bool) -> bool:
+    """Refuse to start where results would be lost or mixed; otherwise return whether the run
+    continues from the checkpoint in ``run_dir`` (true for ``resume=true``, and for ``resume=auto``
+    where there is one) rather than starting afresh.
+
+    ``resume=auto`` never deletes or mixes results either: a directory with results but no checkpoint
+    is refused as without it, and the run loop refuses a checkpoint of another configuration."""
+    word = AUTO if resume == AUTO else "true"
     if resume and overwrite:
         raise ConfigError(
-            f"resume=true and overwrite=true contradict each other: resume=true continues the run in {run_dir}, "
-            "overwrite=true deletes its results. Choose one."
+            f"resume={word} and overwrite=true contradict each other: resume={word} continues the run in "
+            f"{run_dir}, overwrite=true deletes its results. Choose one."
         )
+    if resume == AUTO:
+        if contents.has_checkpoint:
+            log.info("resume=auto: %s holds %s; continuing that run", run_dir, contents.describe())
+            return True
+        if contents.has_results:
+            raise ResultsExistError(_results_without_checkpoint_auto(run_dir, contents))
+        return False
     if resume:
         if not contents.has_checkpoint:
             raise ResumeError(_nothing_to_resume(run_dir, contents))
-        return
+        return True
     if contents.has_results and not overwrite:
         raise ResultsExistError(_results_exist(run_dir, contents))
+    return False
+
+
+def _results_without_checkpoint_auto(run_dir: Path, contents: RunDirContents) -> str:
+    return (
+        f"resume=auto cannot continue in {run_dir}: it holds {contents.describe()} but no {CHECKPOINT_FILE}, so "
+        "that run cannot be resumed, and a new run never writes over results. Replace resume=auto by "
+        "overwrite=true to delete them and start again, or choose another hydra.run.dir."
+    )
 
 
 def _nothing_to_resume(run_dir: Path, contents: RunDirContents) -> str:
@@ -314,11 +355,13 @@ def interrupts_as_errors(progress: RunProgress) -> Iterator[None]:
 
 def _install_sigterm_handler() -> Any:
     """Install :func:`_on_sigterm`; returns the handler to restore, or None when none was installed
-    (not the main thread, or a previous handler Python cannot restore)."""
+    (not the main thread, or SIGTERM does not have its default action). A handler that the host
+    process installed is left alone: a submitit job (``hydra/launcher=slurm``) ignores the SIGTERM of
+    a preemption and checkpoints and requeues on the signal that follows it."""
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = signal.getsignal(signal.SIGTERM)
-    if previous is None:
+    if previous is not signal.SIG_DFL:
         return None
     signal.signal(signal.SIGTERM, _on_sigterm)
     return previous

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from pilot import distributed
 from pilot.errors import ConfigError
 from pilot.schema import Device, NonNegativeInt, PositiveInt, Precision
 
@@ -34,6 +35,7 @@ class Runtime:
     channels_last: bool = True
     progress: bool = True
     cpu_inference_chunk: int | None = 32
+    scale_batch: bool = False  # data-parallel runs: global batch = batch_size x ranks (default: batch_size)
     # Set by the run loop for one session: called after every training epoch with (epoch, loss, lr).
     on_epoch: Callable[[int, float, float], None] | None = field(default=None, repr=False, compare=False)
 
@@ -108,18 +110,25 @@ def make_runtime(
     progress: bool = True,
     cpu_threads: PositiveInt | None = None,
     cpu_inference_chunk: PositiveInt | None = 32,
+    scale_batch: bool = False,
 ) -> Runtime:
-    """Build a :class:`Runtime` from the ``runtime`` config; ``device=auto`` picks CUDA when present."""
+    """Build a :class:`Runtime` from the ``runtime`` config; ``device=auto`` picks CUDA when present.
+
+    Under torchrun each process takes the GPU of its ``LOCAL_RANK`` (``cuda`` or ``auto``)."""
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"runtime.precision={precision!r}: use bf16 or fp32")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device={device} but no CUDA device is visible; use runtime.device=cpu or auto")
+    if device == "cuda" and distributed.active():
+        device = f"cuda:{distributed.local_rank()}"
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
-    return Runtime(dev, precision, tf32, num_workers, data_on_device, channels_last, progress, cpu_inference_chunk)
+    return Runtime(
+        dev, precision, tf32, num_workers, data_on_device, channels_last, progress, cpu_inference_chunk, scale_batch
+    )

@@ -187,7 +187,7 @@ STAND_INS: dict[str, Callable[..., None]] = {
 # The run's own settings (not instantiated): dotted key -> (type, default).
 TOP_LEVEL: dict[str, tuple[Any, Any]] = {
     "seed": (Seed, 1993),
-    "resume": (bool, False),
+    "resume": (bool | Literal["auto"], False),
     "overwrite": (bool, False),
     "debug.stop_after_session": (NonNegativeInt | None, None),
     "paths.data_dir": (NonEmptyStr, "data"),

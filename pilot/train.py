@@ -18,6 +18,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from typing import NoReturn  # noqa: E402
@@ -89,6 +90,34 @@ def _require_method(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _join_torchrun(argv: list[str]) -> list[str]:
+    """Under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1): join the process group, and return the
+    overrides that make every rank use rank 0's run directory (its ``${now:...}``) and leave the run
+    directory's files and log to rank 0. See :mod:`pilot.distributed`."""
+    if "-m" in argv or "--multirun" in argv:
+        print(
+            "ConfigError: torchrun runs one sequence over several processes; a sweep (-m) cannot be split that "
+            "way. Launch the sweep's runs one by one, or use hydra/launcher=slurm or pilot.launch.pack.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    import time
+
+    from omegaconf import OmegaConf
+
+    from pilot import distributed
+
+    distributed.init_from_env()
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        started = time.localtime(distributed.broadcast_object(time.time()))
+        pattern = str(OmegaConf.load(CONFIG_DIR / "train.yaml").hydra.run.dir)
+        extra.append("hydra.run.dir=" + re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m[1], started), pattern))
+    if not distributed.is_main():
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    return extra
+
+
 def cli() -> None:
     """``pilot-train`` and ``python -m pilot.train``: check for a method, then hand the arguments to Hydra."""
     argv = sys.argv[1:]
@@ -98,6 +127,8 @@ def cli() -> None:
             f"  +method: {', '.join(available_options('method'))}\n"
         )
     _require_method(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.argv += _join_torchrun(argv)
     main()
 
 

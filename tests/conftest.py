@@ -22,6 +22,8 @@ from omegaconf import DictConfig  # noqa: E402
 import pilot.train  # noqa: E402,F401  (registers the config resolvers)
 from pilot.config import compose_config as compose  # noqa: E402
 from pilot.loop import run  # noqa: E402
+from pilot.registry import learners  # noqa: E402
+from pilot.schema import signature_of  # noqa: E402
 
 # A fast test setting: tiny random ViT, synthetic data, CSV only, no progress bars, on the CPU.
 FAST = [
@@ -54,3 +56,20 @@ def _deterministic_cpu():
 @pytest.fixture
 def fast() -> list[str]:
     return list(FAST)
+
+
+# What a learner needs to run on the tiny ViT (width 48) beyond one epoch: CODA's pool stays orthogonal
+# in 48 dims, and its batches must exist with drop_last (tests/test_prompt_learners.py).
+SMALL = {
+    "coda": ["method.pool_size=12", "method.batch_size=8"],
+    "lae": ["method.num_freeze_epochs=0"],  # with 1 epoch, the default 3 frozen epochs would never train the PET
+    "ranpac": ["method.projection_dim=64"],  # the reference M = 10,000 makes each session's ridge search take minutes
+    "ranpac_mini": ["method.projection_dim=128"],
+}
+
+
+def small_overrides(name: str) -> list[str]:
+    """``+method=name`` with every ``epochs`` / ``*_epochs`` parameter of the learner set to 1."""
+    params = signature_of(learners()[name].target).params
+    epochs = [f"++method.{p}=1" for p in params if p == "epochs" or p.endswith("_epochs")]
+    return [f"+method={name}", *epochs, *SMALL.get(name, [])]

@@ -11,11 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_config
+from conftest import run_config, small_overrides
 
-from pilot.registry import learner_names, learners
+from pilot.registry import learner_names
 from pilot.runtime import Runtime
-from pilot.schema import signature_of
 
 METHODS = learner_names()  # every registered learner (pilot.registry), built in or from an installed plugin
 
@@ -28,11 +27,8 @@ def bf16_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_learner_runs_two_sessions_under_bf16_autocast(method, tmp_path, fast, bf16_on_cpu):
-    overrides = fast + [f"+method={method}", "dataset.num_classes=4", "scenario=b0inc2", "runtime.precision=bf16"]
-    if "epochs" in signature_of(learners()[method].target).params:  # training-free learners have none
-        overrides.append("method.epochs=1")
-    if method == "coda":
-        overrides.append("method.batch_size=16")  # drop_last with the reference 128 leaves no batch here
+    # One epoch per training loop, plus what each learner needs on the tiny ViT (conftest.SMALL).
+    overrides = fast + small_overrides(method) + ["dataset.num_classes=4", "scenario=b0inc2", "runtime.precision=bf16"]
     table = run_config(overrides, tmp_path / "run")
     sessions = pd.read_csv(tmp_path / "run" / "sessions.csv")
     assert sessions["n_seen"].tolist() == [2, 4]

@@ -121,7 +121,7 @@ def test_every_folder_of_pilot_is_a_listed_package(build_py):
 def test_console_scripts_point_at_callables(build_py):
     dist, _ = build_py
     scripts = dict(line.replace(" ", "").split("=") for line in dist.entry_points["console_scripts"])
-    assert set(scripts) == {"pilot-train", "pilot-tables", "pilot-data"}
+    assert set(scripts) == {"pilot-train", "pilot-tables", "pilot-data", "pilot-pack"}
     for target in scripts.values():
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), target

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FAST, compose_config, run_config
+from conftest import FAST, compose_config, run_config, small_overrides
 from omegaconf import OmegaConf
 
 from pilot import registry
@@ -30,7 +30,6 @@ from pilot.errors import ConfigError
 from pilot.learners.base import Learner
 from pilot.loop import RunInterrupted
 from pilot.registry import RegistryError, get_learner, learner_names, learners, register_learner
-from pilot.schema import signature_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = ROOT / "examples" / "pilot_example_plugin"
@@ -38,9 +37,6 @@ PLUGIN_METHOD = "ranpac_mini"
 BUILTIN = {"simplecil", "l2p", "dualprompt", "coda", "ease", "slca"}
 # Two sessions of two classes on the tiny ViT and synthetic images.
 TWO_SESSIONS = ["dataset.num_classes=4", "scenario=b0inc2"]
-# What a learner needs to run on the tiny ViT (width 48) beyond one epoch: CODA's pool stays orthogonal
-# in 48 dims, and its batches must exist with drop_last (tests/test_prompt_learners.py).
-SMALL = {"coda": ["method.pool_size=12", "method.batch_size=8"], PLUGIN_METHOD: ["method.projection_dim=128"]}
 # Columns of sessions.csv that are results (not times, dates or memory); a resumed run must equal them.
 METRICS = [
     "run_id",
@@ -60,13 +56,6 @@ METRICS = [
     "params_total",
     "params_trainable",
 ]
-
-
-def small_overrides(name: str) -> list[str]:
-    """``+method=name`` with every ``epochs`` / ``*_epochs`` parameter of the learner set to 1."""
-    params = signature_of(learners()[name].target).params
-    epochs = [f"++method.{p}=1" for p in params if p == "epochs" or p.endswith("_epochs")]
-    return [f"+method={name}", *epochs, *SMALL.get(name, [])]
 
 
 def assert_resumes_identically(overrides: list[str], tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from pilot import distributed
 from pilot.data.images import ArrayImages, ClassificationData, FileImages
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.data.transforms import ImageTransforms
@@ -69,7 +70,8 @@ class Batch:
 
     ``ids`` are indices into the split (``split``, which holds ``split_size`` samples), stable
     across sessions, so that outputs of a frozen network on deterministic inputs
-    (``augmented=False``) can be cached by id.
+    (``augmented=False``) can be cached by id. In a data-parallel run a batch is this rank's part of
+    a global batch of ``global_size`` samples (it may be empty in evaluation and feature passes).
     """
 
     def __init__(
@@ -81,12 +83,20 @@ class Batch:
         split: str,
         augmented: bool,
         split_size: int,
+        global_size: int | None = None,
     ) -> None:
         self._raw: Any = raw  # dropped (None) once prepared
         self._prepare = prepare
         self._images: torch.Tensor | None = None
         self.labels, self.ids, self.split, self.augmented = labels, ids, split, augmented
         self.split_size = split_size
+        # Data-parallel runs (pilot.distributed): the size of the global batch this rank holds a part of.
+        self.global_size = len(labels) if global_size is None else int(global_size)
+
+    @property
+    def share(self) -> float:
+        """This part's share of its global batch (1 in a one-process run)."""
+        return len(self.labels) / self.global_size if self.global_size else 0.0
 
     @property
     def images(self) -> torch.Tensor:
@@ -131,10 +141,13 @@ class BatchStream:
         augment: bool,
         shuffle: bool,
         drop_last: bool,
+        unit: int = 1,
     ) -> None:
         self.pipeline, self.split, self.indices = pipeline, split, indices
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self.unit = unit  # data-parallel runs cut a global batch only at multiples of this (vote groups)
         self._loader: DataLoader | None = None
+        self._plan: _RankBatches | None = None
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -148,8 +161,18 @@ class BatchStream:
         images = self.pipeline.images(self.split)
         if isinstance(images, ArrayImages):
             yield from self._iter_arrays()
+        elif distributed.active():
+            yield from self._iter_files_sharded(images)
         else:
             yield from self._iter_files(images)
+
+    def _skip(self, n: int) -> bool:
+        """Whether a global batch of ``n`` samples is left out: a partial one with ``drop_last``, and in a
+        data-parallel run a *training* batch (shuffled stream) with fewer samples than ranks, which would
+        leave a rank without data for a step that every rank must take."""
+        if self.drop_last and n < self.batch_size:
+            return True
+        return self.shuffle and distributed.active() and n < distributed.world_size()
 
     def _order(self) -> np.ndarray:
         if not self.shuffle:
@@ -165,13 +188,19 @@ class BatchStream:
         # waits on a host-to-device copy.
         order = to_device(torch.from_numpy(self._order()), p.runtime.device)
         for ids in order.split(self.batch_size):
-            if self.drop_last and len(ids) < self.batch_size:
-                break
-            if stored.device == ids.device:
-                raw = stored[ids]
+            if self._skip(len(ids)):
+                continue
+            part = distributed.shard(len(ids), self.unit)
+            # Augmentation is drawn for the whole global batch (the RNG stream every rank shares), then
+            # cut: each rank gets exactly the images a one-process run would give its samples.
+            transform = _part_of(prepare, part) if self.augment and distributed.active() else prepare
+            mine = ids if self.augment else ids[part]
+            if stored.device == mine.device:
+                raw = stored[mine]
             else:  # images kept in host memory: gather there, copy pinned
-                raw = to_device(stored[ids.cpu()], p.runtime.device)
-            yield Batch(raw, p.finish(prepare), labels[ids], ids, self.split, self.augment, len(labels))
+                raw = to_device(stored[mine.cpu()], p.runtime.device)
+            local = ids[part]
+            yield Batch(raw, p.finish(transform), labels[local], local, self.split, self.augment, len(labels), len(ids))
 
     def _iter_files(self, images: FileImages) -> Iterator[Batch]:
         p = self.pipeline
@@ -194,6 +223,80 @@ class BatchStream:
             ids = ids.to(p.runtime.device, non_blocking=True)
             yield Batch(pixels, p.finish(p.transforms.finish), labels[ids], ids, self.split, self.augment, len(labels))
 
+    def _iter_files_sharded(self, images: FileImages) -> Iterator[Batch]:
+        """Image files in a data-parallel run: every rank plans the epoch's global batches from the shared
+        RNG stream and decodes only its part of each. Augmentations (drawn in loader workers) are not
+        the ones a one-process run draws for the same samples, only drawn the same way."""
+        p = self.pipeline
+        if self._loader is None:
+            transform = p.transforms.train_pil() if self.augment else p.transforms.test_pil()
+            workers = p.runtime.num_workers
+            self._plan = _RankBatches()
+            self._loader = DataLoader(
+                _DecodedFiles(images, np.arange(len(images.paths)), transform),
+                batch_sampler=self._plan,
+                num_workers=workers,
+                pin_memory=p.runtime.is_cuda,
+                persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
+            )
+        assert self._plan is not None
+        order = self._order()
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [b for b in batches if not self._skip(len(b))]
+        parts = [b[distributed.shard(len(b), self.unit)] for b in batches]
+        self._plan.batches = [part.tolist() for part in parts if len(part)]
+        labels = p.device_labels(self.split)
+        loaded: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(self._loader) if self._plan.batches else iter(())
+        for batch, part in zip(batches, parts):
+            if len(part) == 0:
+                empty = torch.zeros(0, dtype=torch.long, device=p.runtime.device)
+                size = p.transforms.size
+                pixels = torch.zeros(0, 3, size, size, dtype=torch.uint8, device=p.runtime.device)
+                yield Batch(
+                    pixels,
+                    p.finish(p.transforms.finish),
+                    labels[empty],
+                    empty,
+                    self.split,
+                    self.augment,
+                    len(labels),
+                    len(batch),
+                )
+                continue
+            pixels, ids = next(loaded)
+            pixels = pixels.to(p.runtime.device, non_blocking=True)
+            ids = ids.to(p.runtime.device, non_blocking=True)
+            yield Batch(
+                pixels,
+                p.finish(p.transforms.finish),
+                labels[ids],
+                ids,
+                self.split,
+                self.augment,
+                len(labels),
+                len(batch),
+            )
+
+
+class _RankBatches:
+    """Batch sampler of a data-parallel file stream: this rank's parts of the epoch's planned batches
+    (sample indices into the split's files), set by :meth:`BatchStream._iter_files_sharded`."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _part_of(prepare: Callable[[torch.Tensor], torch.Tensor], part: slice) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``prepare`` applied to a whole global batch, then cut to this rank's ``part``."""
+    return lambda raw: prepare(raw)[part]
+
 
 @dataclass
 class SessionData:
@@ -205,7 +308,10 @@ class SessionData:
     def train_batches(
         self, batch_size: int, augment: bool = True, shuffle: bool = True, drop_last: bool = False
     ) -> BatchStream:
-        """Training images of the session's new classes (train transform by default)."""
+        """Training images of the session's new classes (train transform by default). In a data-parallel
+        run ``batch_size`` is the global batch (times the number of ranks with ``runtime.scale_batch``)."""
+        if self.pipeline.runtime.scale_batch:
+            batch_size *= distributed.world_size()
         return self.pipeline.batches(TRAIN, self.info.new_classes, batch_size, augment, shuffle, drop_last)
 
     def prototype_batches(self, batch_size: int) -> BatchStream:
@@ -272,7 +378,7 @@ class DataPipeline:
         bounds = self._bounds[split]
         return self._sorted[split][bounds[classes.start] : bounds[classes.stop]]
 
-    def eval_batches(self, split: str, classes: range, batch_size: int) -> BatchStream:
+    def eval_batches(self, split: str, classes: range, batch_size: int, unit: int = 1) -> BatchStream:
         """Evaluation batches (test transform) of ``split`` over ``classes``: class-sorted as the
         reference evaluates, or, with ``scenario.shuffle_test``, in a seeded random order that is fixed
         for the run (after every session the seen classes' samples come in the same relative order)."""
@@ -282,7 +388,7 @@ class DataPipeline:
                 rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, list(_STORAGE).index(split)])
                 self._eval_rank[split] = rng.permutation(len(self._labels[split]))
             indices = indices[np.argsort(self._eval_rank[split][indices], kind="stable")]
-        return BatchStream(self, split, indices, batch_size, augment=False, shuffle=False, drop_last=False)
+        return BatchStream(self, split, indices, batch_size, augment=False, shuffle=False, drop_last=False, unit=unit)
 
     def batches(
         self,

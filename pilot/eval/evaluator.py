@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pilot import distributed
 from pilot.data.scenario import Scenario
 from pilot.eval import metrics
 
@@ -58,6 +59,10 @@ class Evaluator:
         k = self._current
         if k is None:
             raise RuntimeError("end_session() without start_session()")
+        # Data-parallel runs: each rank scored its own parts of the test batches; add them up.
+        counts = distributed.all_reduce_sum(torch.cat([self._correct, self._seen, self._correct5.view(1)]))
+        K = self.num_sessions
+        self._correct, self._seen, self._correct5 = counts[:K], counts[K:-1], counts[-1]
         correct, seen = self._correct.cpu().numpy(), self._seen.cpu().numpy()
         if seen[: k + 1].min() == 0:
             raise RuntimeError(

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, ABCMeta, abstractmethod
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from pilot import distributed
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, BatchStream, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
@@ -80,6 +81,12 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
 
     requires_vit: ClassVar[bool] = False
     eval_batch_size: int = 256  # batch size the run loop evaluates this learner with
+
+    @property
+    def eval_unit(self) -> int:
+        """Data-parallel evaluation cuts a test batch only at multiples of this many samples: 1 for
+        per-sample predictions; a learner whose predictions vote per group of samples returns the group."""
+        return 1
 
     def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime) -> None:
         super().__init__()
@@ -131,6 +138,7 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         self.trainable_parameters = sum(p.numel() for p in self.parameters() if p.requires_grad)
         self.train_session(session)
         self.end_session(session)
+        distributed.broadcast_state(self)  # data-parallel runs: every rank continues from rank 0's state
 
     def set_training(
         self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None, epochs: int, batch_size: int
@@ -149,15 +157,25 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         loss_fn: LossFn,
         params: nn.Module | ParamGroups | None = None,
         batches: BatchStream | None = None,
+        after_step: Callable[[], None] | None = None,
     ) -> list[float]:
         """The shared loop (:func:`pilot.learners.training.train_trainable`) with the settings of
         :meth:`set_training`: a fresh optimiser over ``params`` (default: every trainable parameter),
-        on ``batches`` (default: ``session``'s training batches of ``batch_size``)."""
+        on ``batches`` (default: ``session``'s training batches of ``batch_size``); ``after_step`` runs
+        after every optimiser step."""
         batches = session.train_batches(self.batch_size) if batches is None else batches
         params = self if params is None else params
         desc = f"{type(self).__name__} s{session.info.index}"
         return train_trainable(
-            params, batches, self.epochs, loss_fn, self.optimizer, self.runtime, self.scheduler, desc
+            params,
+            batches,
+            self.epochs,
+            loss_fn,
+            self.optimizer,
+            self.runtime,
+            self.scheduler,
+            desc,
+            after_step=after_step,
         )
 
     def restore(self, state: Mapping[str, Any], sessions_done: int) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from pilot import distributed
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.prompted_vit import Prefix
 from pilot.data.scenario import Scenario, SessionInfo
@@ -148,6 +149,12 @@ class DualPrompt(PromptPoolLearner):
         ``allow_short_pool=true`` (the reference's fallback, with a warning).
         """
         super().check_requirements(backbone, scenario, params)
+        if params["reference_prefix_layout"] and distributed.active():
+            raise ConfigError(
+                "method.reference_prefix_layout=true mixes the prefixes of the samples of a training batch, which a "
+                "data-parallel run splits over processes. Run it in one process, or set "
+                "method.reference_prefix_layout=false."
+            )
         if not params["task_forced_prompt"] or params["allow_short_pool"]:
             return
         pool_size, top_k, sessions = int(params["pool_size"]), int(params["top_k"]), scenario.num_sessions

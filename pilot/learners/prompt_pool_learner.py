@@ -75,6 +75,12 @@ class PromptPoolLearner(Learner):
         self.train_epochs(session, self.loss)
 
     @property
+    def eval_unit(self) -> int:
+        """Test batches vote per group of ``vote_batch_size`` samples: data-parallel evaluation keeps groups whole."""
+        batch_dependent = self.batchwise_prompt_eval or getattr(self, "reference_prefix_layout", False)
+        return self.vote_batch_size if batch_dependent else 1
+
+    @property
     def eval_protocol(self) -> str:
         """``batch-vote(b=N)`` when test batches vote for their prompts in groups of N
         (``batchwise_prompt_eval``); ``batch-prefix(b=N)`` when a sample's prefixes also come from its

@@ -9,6 +9,7 @@ sinks, see :func:`pilot.sinks.base.epoch_hook`).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, Union
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from pilot import distributed
+from pilot.data.pipeline import Batch, BatchStream
 from pilot.runtime import Runtime
 
 LossFn = Callable[[Any], torch.Tensor]  # batch (a Batch, or alignment's (inputs, targets)) -> scalar loss
@@ -39,6 +42,7 @@ def train_epochs(
     *,
     on_epoch: EpochHook | None = None,
     grad_clip: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """Minimise ``loss_fn`` over ``epochs`` passes of ``batches``; the scheduler steps once per epoch.
 
@@ -48,7 +52,13 @@ def train_epochs(
     loss of every epoch. ``on_epoch`` (default: ``runtime.on_epoch``, if set) hears each epoch's mean
     loss and learning rate; the lr is read before the scheduler steps, so it is the one the epoch
     used. ``grad_clip``: clip the gradients' total l2 norm to this value before each step (None: no
-    clipping, as the reference).
+    clipping, as the reference). ``after_step``: called after every optimiser step (e.g. an EMA copy
+    or a merge of the weights just updated).
+
+    Data-parallel runs (:mod:`pilot.distributed`): a :class:`~pilot.data.pipeline.Batch` is this rank's
+    part of a global batch; the gradients of the parts are combined into the global batch's before the
+    step (weighted by each part's share), and the reported loss is the global batch's. Other batches
+    (alignment's sampled features) are the same on every rank and need no combining.
     """
     hook = on_epoch if on_epoch is not None else getattr(runtime, "on_epoch", None)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -59,17 +69,28 @@ def train_epochs(
         steps = 0
         stream = batches(epoch) if callable(batches) else batches
         for batch in runtime.progress_bar(stream, desc=f"{desc} {epoch + 1}/{epochs}"):
-            with runtime.autocast():
-                loss = loss_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            share = batch.share if isinstance(batch, Batch) and distributed.active() else None
+            if share is not None:
+                batch.images  # augment the global batch from the shared RNG stream before the rank's own draws
+            with distributed.rank_rng(runtime.device) if share is not None else contextlib.nullcontext():
+                with runtime.autocast():
+                    loss = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            if share is not None:
+                distributed.reduce_gradients(params, share)
+                loss = loss.detach() * share  # summed over ranks below: the global batch's loss
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total += loss.detach().float()
             steps += 1
         if scheduler is not None:
             scheduler.step()
+        if distributed.active() and isinstance(stream, BatchStream):
+            distributed.all_reduce_sum(total)
         losses.append(total.item() / max(steps, 1))
         if hook is not None:
             hook(epoch, losses[-1], lr)
@@ -88,6 +109,7 @@ def train_trainable(
     *,
     on_epoch: EpochHook | None = None,
     grad_clip: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """:func:`train_epochs` with a fresh optimiser (and scheduler): the reference rebuilds the optimiser
     at every session (``reinit_optimizer``), so no moment estimates carry over between sessions.
@@ -95,7 +117,18 @@ def train_trainable(
     ``params``: a module (every parameter of it that requires a gradient), or the parameters or
     parameter groups to hand to ``optimizer`` as they are."""
     opt, sched = build_optimizer(params, optimizer, scheduler)
-    return train_epochs(batches, epochs, loss_fn, opt, runtime, sched, desc, on_epoch=on_epoch, grad_clip=grad_clip)
+    return train_epochs(
+        batches,
+        epochs,
+        loss_fn,
+        opt,
+        runtime,
+        sched,
+        desc,
+        on_epoch=on_epoch,
+        grad_clip=grad_clip,
+        after_step=after_step,
+    )
 
 
 def build_optimizer(

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Iterator, Sized
 import torch
 from torch import nn
 
+from pilot import distributed
 from pilot.data.pipeline import Batch
 from pilot.runtime import Runtime
 
@@ -25,6 +26,9 @@ def extract_features(
     eval_mode: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn`` over every batch; returns float32 features ``[N, D]`` and labels ``[N]`` on the device.
+
+    In a data-parallel run each rank computes its parts of the batches and every rank returns the
+    features of all of them, in the order of a one-process pass (:func:`pilot.distributed.gather_in_order`).
 
     ``fn`` runs under the run's autocast, or in float32 with ``full_precision`` (for features that
     become stored statistics such as covariances; see :mod:`pilot.modules.precision`). ``eval_mode``:
@@ -56,12 +60,17 @@ def _extract(
     cache: "FeatureCache | None",
     full_precision: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
+    feats, labels, sizes = [], [], []
     for batch in runtime.progress_bar(batches, desc=desc, total=len(batches) if isinstance(batches, Sized) else None):
+        sizes.append(slice(batch.global_size, getattr(batches, "unit", 1)))
+        if len(batch) == 0:  # a data-parallel rank's empty part of a small last batch
+            continue
         with runtime.autocast() if not full_precision else contextlib.nullcontext():
             out = cache(batch, fn, runtime) if cache is not None else runtime.chunked(fn, batch.images)
         feats.append(out.float())
         labels.append(batch.labels)
+    if distributed.active():  # every rank gets the features of the whole stream, in the one-process order
+        return distributed.gather_in_order(feats, sizes), distributed.gather_in_order(labels, sizes)
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pilot import distributed
 from pilot.modules.precision import autocast_off
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def batchwise_vote(indices: torch.Tensor, pool_size: int, group_size: int | None
     groups = int(batch + (group_size or batch) - 1) // (group_size or batch)
     counts = torch.zeros(groups * pool_size, dtype=torch.long, device=indices.device)
     counts.scatter_add_(0, (group.unsqueeze(1) * pool_size + indices).flatten(), torch.ones_like(indices.flatten()))
+    if group_size is None:  # a data-parallel training batch votes as the whole global batch
+        distributed.all_reduce_sum(counts)
     score = counts.view(groups, pool_size) * pool_size + torch.arange(pool_size - 1, -1, -1, device=indices.device)
     return score.topk(k, dim=1).indices[group]
 

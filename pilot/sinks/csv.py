@@ -1,5 +1,6 @@
-"""Tidy CSV results: ``sessions.csv`` (one row per run and session) and ``matrix.csv`` (the
-accuracy matrix in long form). Rows are appended, flushed and fsynced as each session ends.
+"""Tidy CSV results: ``sessions.csv`` (one row per run and session), ``matrix.csv`` (the accuracy
+matrix in long form) and ``epochs.csv`` (each training epoch's mean loss and learning rate). Rows are
+appended, flushed and fsynced as each session ends.
 
 Columns added after the first release come last (``acc_val``, ``acc_val_avg`` and the run's
 ``data_hash``, ``weights_hash``, ``eval_protocol``), so older files are a prefix of today's layout;
@@ -43,7 +44,10 @@ SESSION_COLUMNS = RUN_COLUMNS + [
     *RUN_EXTRA_COLUMNS,
 ]
 MATRIX_COLUMNS = RUN_COLUMNS + ["session", "block", "acc", "n_test", *RUN_EXTRA_COLUMNS]
-SESSIONS_FILE, MATRIX_FILE = "sessions.csv", "matrix.csv"
+# One row per training epoch: ``epoch`` counts a session's epochs over all of its training loops
+# (e.g. SLCA's fine-tuning, then its classifier alignment), from 0.
+EPOCH_COLUMNS = ["run_id", "method", "session", "epoch", "loss", "lr"]
+SESSIONS_FILE, MATRIX_FILE, EPOCHS_FILE = "sessions.csv", "matrix.csv", "epochs.csv"
 
 
 class CsvSink(Sink):
@@ -63,7 +67,29 @@ class CsvSink(Sink):
             self.files[name] = (handle, writer)
         for record, matrix_rows in previous:
             self._append(record, matrix_rows)
+        self._open_epochs(Path(run_dir), len(previous))
         self._flush()
+
+    def _open_epochs(self, run_dir: Path, sessions_done: int) -> None:
+        """``epochs.csv``, keeping the rows of the sessions a resumed run does not repeat."""
+        path = run_dir / EPOCHS_FILE
+        kept = []
+        if sessions_done and path.exists():
+            with open(path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["session"]) < sessions_done]
+        handle = open(path, "w", newline="")
+        writer = csv.DictWriter(handle, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        self.files[EPOCHS_FILE] = (handle, writer)
+        self._epochs_in_session: dict[int, int] = {}
+
+    def log_epoch(self, session: int, epoch: int, loss: float, lr: float) -> None:
+        count = self._epochs_in_session.get(session, 0)
+        self._epochs_in_session[session] = count + 1
+        row = {"run_id": self.provenance["run_id"], "method": self.provenance["method"], "session": session}
+        self.files[EPOCHS_FILE][1].writerow({**row, "epoch": count, "loss": f"{loss:.8g}", "lr": f"{lr:.6g}"})
+        self.files[EPOCHS_FILE][0].flush()
 
     def write(self, record, matrix_rows) -> None:
         self._append(record, matrix_rows)

@@ -1,0 +1,244 @@
+"""APER (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models: Generalizability and
+Adaptivity are All You Need", IJCV 2024; a.k.a. ADAM), as in LAMDA-PILOT ``models/aper_adapter.py``,
+``aper_ssf.py``, ``aper_vpt.py``, ``aper_finetune.py`` and ``MultiBranchCosineIncrementalNet`` in
+``utils/inc_net.py`` (docs/methods.md §7).
+
+Session 0 tunes the pre-trained model with a parameter-efficient module (or fully) and a cosine head
+(:mod:`pilot.learners.first_session`). Then the network has two frozen branches, the original model
+and the adapted one, whose pooled (CLS) features are concatenated, original first:
+
+    g(x) = [f_pre(x) ; f_tuned(x)]                               (2 * D numbers)
+
+The classifier is a cosine classifier (sigma = 1, never trained) whose row for class c is the
+unnormalised class mean of g over the class's training images under the test transform, written at the
+end of every session, session 0 included ("replace_fc" after ``construct_dual_branch_network``):
+
+    mu_c = mean_{x in X_c} g(x),     logit_c(x) = cos(g(x), mu_c)
+
+Both branches are fixed after session 0, so the features of test images are cached across sessions.
+Five registered names, one per PET: ``aper_adapter``, ``aper_ssf``, ``aper_vpt_shallow``,
+``aper_vpt_deep``, ``aper_finetune``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch.optim import SGD
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+from pilot.backbones.backbone import Backbone
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.learners.first_session import FirstSessionTuned
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
+from pilot.modules.classifiers import CosineLinear, class_means
+from pilot.modules.features import FeatureCache, extract_features
+from pilot.registry import register_learner
+from pilot.runtime import Runtime
+from pilot.schema import NonNegativeFloat, PositiveInt, Probability
+
+_SGD = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)  # exps/aper_*.json (CIFAR): init_lr, weight_decay
+_COSINE = partial(CosineAnnealingLR, T_max=20, eta_min=0.0)  # T_max = tuned_epoch, min_lr 0
+
+
+class APER(FirstSessionTuned):
+    """Two frozen branches [pretrained ; tuned] after session 0, cosine prototype classifier."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        pet: Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"] = "adapter",
+        optimizer: OptimizerFactory = _SGD,
+        scheduler: SchedulerFactory | None = _COSINE,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        adapter_dim: PositiveInt = 64,
+        adapter_dropout: Probability = 0.1,
+        adapter_scale: NonNegativeFloat = 0.1,
+        prompt_tokens: PositiveInt = 5,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__(
+            backbone,
+            scenario,
+            runtime,
+            pet=pet,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epochs=epochs,
+            batch_size=batch_size,
+            adapter_dim=adapter_dim,
+            adapter_dropout=adapter_dropout,
+            adapter_scale=adapter_scale,
+            prompt_tokens=prompt_tokens,
+        )
+        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
+        self.cache_features = cache_features
+        # Rows are written, never trained, and sigma stays 1 (reference: a fresh CosineLinear whose
+        # sigma no optimiser sees after session 0).
+        self.head = CosineLinear(2 * backbone.feature_dim, learn_sigma=False).requires_grad_(False)
+        self.features = FeatureCache()
+
+    def begin_session(self, info: SessionInfo) -> None:
+        super().begin_session(info)
+        self.head.grow(info.total, init="zeros")
+
+    def end_session(self, session: SessionData) -> None:
+        info = session.info
+        feats, labels = extract_features(
+            self.branch_features,
+            session.prototype_batches(self.prototype_batch_size),
+            self.runtime,
+            desc=f"prototypes s{info.index}",
+            eval_mode=self,  # PET dropout off (reference replace_fc: model.eval())
+        )
+        self.head.assign(info.new_classes, class_means(feats, labels, info.new_classes))
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.runtime.autocast():
+            if self.cache_features and self.tuned:
+                feats = self.features(batch, self.branch_features, self.runtime)
+            else:
+                feats = self.runtime.chunked(self.branch_features, batch.images)
+        return self.head(feats)
+
+    def branch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 2D]``: [pretrained ; tuned] pooled features (reference order: the original branch first)."""
+        return torch.cat([self.pretrained_features(images), self.tuned_features(images)], dim=1)
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False):
+        self.features.clear()
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+# ------------------------------------------------------------------------------ the five names
+@register_learner("aper_adapter")
+class AperAdapter(APER):
+    """APER with one AdaptFormer adapter set (exps/aper_aperpter.json, _inr.json)."""
+
+    requires_vit = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = _SGD,
+        scheduler: SchedulerFactory | None = _COSINE,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        adapter_dim: PositiveInt = 64,
+        adapter_dropout: Probability = 0.1,
+        adapter_scale: NonNegativeFloat = 0.1,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__(pet="adapter", **_own_arguments(locals()))
+
+
+@register_learner("aper_ssf")
+class AperSSF(APER):
+    """APER with SSF scale and shift (exps/aper_ssf.json, _inr.json)."""
+
+    requires_vit = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = _SGD,
+        scheduler: SchedulerFactory | None = _COSINE,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__(pet="ssf", **_own_arguments(locals()))
+
+
+@register_learner("aper_vpt_shallow")
+class AperVPTShallow(APER):
+    """APER with VPT-Shallow prompt tokens at the input (exps/aper_vpt_shallow.json; ImageNet-R: see the config)."""
+
+    requires_vit = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = _SGD,
+        scheduler: SchedulerFactory | None = _COSINE,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        prompt_tokens: PositiveInt = 5,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__(pet="vpt_shallow", **_own_arguments(locals()))
+
+
+@register_learner("aper_vpt_deep")
+class AperVPTDeep(APER):
+    """APER with VPT-Deep prompt tokens in every block (exps/aper_vpt_deep.json, _inr.json)."""
+
+    requires_vit = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = _SGD,
+        scheduler: SchedulerFactory | None = _COSINE,
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        prompt_tokens: PositiveInt = 5,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__(pet="vpt_deep", **_own_arguments(locals()))
+
+
+@register_learner("aper_finetune")
+class AperFinetune(APER):
+    """APER with the whole model fine-tuned in session 0 (exps/aper_finetune.json, _inr.json); any backbone."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=0.05),
+        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=6, eta_min=0.0),
+        epochs: PositiveInt = 6,
+        batch_size: PositiveInt = 128,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__(pet="finetune", **_own_arguments(locals()))
+
+
+def _own_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A variant's constructor arguments (its ``locals()`` on entry), passed on to :class:`APER` by name."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "__class__")}

@@ -1,0 +1,117 @@
+"""FeCAM (Goswami et al., "FeCAM: Exploiting the Heterogeneity of Class Distributions in Exemplar-Free
+Continual Learning", NeurIPS 2023), as in LAMDA-PILOT ``models/fecam.py`` (docs/methods.md §7).
+
+Session 0 tunes one AdaptFormer adapter set with a cosine head, as APER-Adapter
+(:mod:`pilot.learners.first_session`), and freezes it. At the end of every session, session 0
+included, each new class gets a centre ``m_c`` and the pseudo-inverse ``P_c`` of a shrunk, normalised
+covariance of its tuned features (training images, test transform); a test feature ``f`` scores
+
+    logit_c(f) = -(f_hat - m_c)^T P_c (f_hat - m_c),     f_hat = f / ||f||
+
+(prediction: the class at the smallest Mahalanobis distance). ``covariance`` picks how ``m_c`` and
+the matrix are built (:mod:`pilot.modules.mahalanobis`):
+
+* ``pilot`` (default, LAMDA-PILOT): covariance of the raw features + ``shrink * I`` (shrink = 100),
+  then ``torch.corrcoef`` of that matrix (the correlation between its rows); ``m_c`` = normalised
+  mean of the raw features;
+* ``paper`` (official dipamgoswami/FeCAM, ViT script): features l2-normalised first; covariance
+  shrunk by ``gamma1 * mean(diag) * I + gamma2 * mean(off-diag) * (1 - I)`` (gamma1 = 1, gamma2 = 0),
+  then divided by ``s s^T`` (s = standard deviations); ``m_c`` = mean of the normalised features.
+
+The tuned model is fixed after session 0, so test features are cached across sessions.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch.optim import SGD
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+from pilot.backbones.backbone import Backbone
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.learners.first_session import FirstSessionTuned
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
+from pilot.modules.features import FeatureCache, extract_features
+from pilot.modules.mahalanobis import ClassMahalanobis
+from pilot.registry import register_learner
+from pilot.runtime import Runtime
+from pilot.schema import NonNegativeFloat, PositiveInt, Probability
+
+
+@register_learner("fecam")
+class FeCAM(FirstSessionTuned):
+    """Adapter tuned in session 0, then per-class Mahalanobis distances with shrunk, normalised covariances."""
+
+    requires_vit = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        adapter_dim: PositiveInt = 64,
+        adapter_dropout: Probability = 0.1,
+        adapter_scale: NonNegativeFloat = 0.1,
+        covariance: Literal["pilot", "paper"] = "pilot",
+        shrink: NonNegativeFloat = 100.0,
+        gamma1: NonNegativeFloat = 1.0,
+        gamma2: NonNegativeFloat = 0.0,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__(
+            backbone,
+            scenario,
+            runtime,
+            pet="adapter",
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epochs=epochs,
+            batch_size=batch_size,
+            adapter_dim=adapter_dim,
+            adapter_dropout=adapter_dropout,
+            adapter_scale=adapter_scale,
+        )
+        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
+        self.cache_features = cache_features
+        self.classes = ClassMahalanobis(backbone.feature_dim, covariance, shrink, gamma1, gamma2)
+        self.features = FeatureCache()
+
+    def begin_session(self, info: SessionInfo) -> None:
+        super().begin_session(info)
+        self.classes.grow(info.total)
+
+    @torch.no_grad()
+    def end_session(self, session: SessionData) -> None:
+        info = session.info
+        feats, labels = extract_features(
+            self.tuned_features,
+            session.prototype_batches(self.prototype_batch_size),
+            self.runtime,
+            desc=f"class statistics s{info.index}",
+            eval_mode=self,  # adapter dropout off (reference replace_fc: model.eval())
+        )
+        self.classes.update(feats, labels, info.new_classes)
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.runtime.autocast():
+            if self.cache_features and self.tuned:
+                feats = self.features(batch, self.tuned_features, self.runtime)
+            else:
+                feats = self.runtime.chunked(self.tuned_features, batch.images)
+        return -self.classes(feats)
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False):
+        self.features.clear()
+        return super().load_state_dict(state, strict=strict, assign=assign)

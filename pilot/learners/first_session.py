@@ -1,0 +1,215 @@
+"""Tune the pre-trained model in session 0, then freeze it: the shared first stage of APER, RanPAC and
+FeCAM (LAMDA-PILOT ``models/aper_*.py``, ``models/ranpac.py``, ``models/fecam.py``, their ``_init_train``;
+docs/methods.md §7).
+
+Session 0 attaches a parameter-efficient module (PET) to the timm model and trains it together with a
+cosine head over the session's classes (``CosineLinear``, sigma learnable from 1, rows
+U(-1/sqrt(d), 1/sqrt(d)), fresh in every run) with cross-entropy,
+
+    loss = CE(sigma * cos(f_tuned(x), W), y - known)
+
+through :meth:`Learner.train_epochs` (the reference: SGD momentum 0.9 over every trainable tensor,
+sigma included, weight decay on all of them; CosineAnnealingLR(T_max=epochs, eta_min=0) stepped per
+epoch; these are the config's ``optimizer`` / ``scheduler``). Afterwards the PET (and the head) are
+frozen for good: later sessions train nothing, and what the subclass does with the features
+(prototypes, ridge regression, Gaussians) happens in its ``end_session`` / ``predict``.
+
+``pet`` (the reference's ``backbone_type`` suffix):
+
+* ``adapter``: one AdaptFormer :class:`~pilot.backbones.adapters.AdapterSet` (width ``adapter_dim``,
+  dropout ``adapter_dropout``, scale ``adapter_scale``), attached by hooks (``adapters_active``);
+* ``ssf``: :class:`~pilot.backbones.ssf.SSFParams` (per-channel scale/shift after the patch
+  projection, norm1, qkv, attn proj, norm2, fc1, fc2 and the final norm), hooks ``ssf_active``;
+* ``vpt_shallow`` / ``vpt_deep``: :class:`~pilot.backbones.vpt.VisualPrompts`, ``prompt_tokens``
+  zero-initialised tokens after the patch tokens, at the input only / fresh in every block, hooks
+  ``visual_prompts_active``;
+* ``finetune``: every weight of the model trains. The original stays in ``self.backbone`` (frozen,
+  left out of checkpoints, rebuilt from the pretrained weights on resume) and the tuned model is a
+  deep copy made at construction, ``self.tuned_backbone`` (in checkpoints), so both exist at once
+  (APER's two branches) without a second model definition. Works on any backbone (ViT or CNN).
+
+No ViT is copied for the other PETs: the PET module is registered on the learner (``self.pet``, in
+``state_dict``) and is active only inside :meth:`tuned_features`.
+
+API for subclasses (stable)
+---------------------------
+``__init__(backbone, scenario, runtime, *, pet, optimizer, scheduler, epochs, batch_size, adapter_dim=64,
+adapter_dropout=0.1, adapter_scale=0.1, prompt_tokens=5)``
+    subclasses add their own keyword-only parameters and pass these through.
+``tuned_features(images) -> [B, D]``
+    the adapted model's pooled feature (CLS after the final norm for a ViT); dropout of the PET follows
+    the learner's train/eval mode (pass ``eval_mode=self`` to ``extract_features``).
+``pretrained_features(images) -> [B, D]``
+    the frozen original model, no PET.
+``tuned -> bool``
+    True once session 0's training has ended: the PET and head are frozen and ``tuned_features`` is a
+    fixed function of the image (cacheable with ``FeatureCache``; deterministic in eval mode).
+``pet_kind``, ``pet`` (module or None), ``tuned_backbone`` (finetune: a :class:`Backbone`, else None),
+``first_head`` (session-0 cosine head), ``tuned_parameters()`` (the PET's tensors, or the tuned copy's).
+Hooks: ``begin_session`` (session 0: a fresh ``first_head``), ``train_session`` (session 0: the
+tuning, then :meth:`freeze_tuned`), ``restore`` (freezes after replaying finished sessions). Subclasses
+call ``super()`` in ``begin_session`` and implement ``end_session`` and ``predict``.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import SGD
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+from pilot.backbones.adapters import AdapterSet, adapters_active
+from pilot.backbones.backbone import Backbone
+from pilot.backbones.ssf import SSFParams, ssf_active
+from pilot.backbones.vpt import VisualPrompts, visual_prompts_active
+from pilot.data.pipeline import Batch, SessionData
+from pilot.data.scenario import Scenario, SessionInfo
+from pilot.errors import ConfigError, IncompatibleBackboneError
+from pilot.learners.base import Learner
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
+from pilot.modules.classifiers import CosineLinear
+from pilot.runtime import Runtime
+from pilot.schema import NonNegativeFloat, PositiveInt, Probability
+
+PET_KINDS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")
+
+
+class FirstSessionTuned(Learner):
+    """Session 0: PET + cosine head trained with CE; afterwards the tuned model is frozen (see the module doc)."""
+
+    requires_vit = False  # decided per ``pet`` in check_requirements (finetune also runs on a CNN)
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        pet: Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"] = "adapter",
+        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
+        epochs: PositiveInt = 20,
+        batch_size: PositiveInt = 48,
+        adapter_dim: PositiveInt = 64,
+        adapter_dropout: Probability = 0.1,
+        adapter_scale: NonNegativeFloat = 0.1,
+        prompt_tokens: PositiveInt = 5,
+    ) -> None:
+        super().__init__(backbone, scenario, runtime)
+        self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
+        self.pet_kind = pet
+        self.tuned_backbone: Backbone | None = None
+        if pet == "finetune":
+            self.tuned_backbone = copy.deepcopy(backbone)  # before freeze(): the copy trains in session 0
+            self.tuned_backbone.requires_grad_(True)
+        self.backbone.freeze()
+        self.pet = build_pet(pet, backbone, adapter_dim, adapter_dropout, adapter_scale, prompt_tokens)
+        self.first_head = CosineLinear(backbone.feature_dim, learn_sigma=True)
+        self._tuned = False
+
+    @classmethod
+    def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+        super().check_requirements(backbone, scenario, params)
+        pet = params.get("pet")
+        if pet is None or pet == "finetune":
+            return
+        if not backbone.is_vit:
+            raise IncompatibleBackboneError(
+                f"method.pet={pet} attaches to the blocks of a timm VisionTransformer, but backbone "
+                f"{backbone.name} is a timm {type(backbone.model).__name__}. Choose a ViT backbone "
+                "(backbone=vit_b16_in1k) or method.pet=finetune."
+            )
+
+    # ------------------------------------------------------------------------------ hooks
+    def begin_session(self, info: SessionInfo) -> None:
+        super().begin_session(info)
+        if info.index == 0:
+            head = CosineLinear(self.backbone.feature_dim, learn_sigma=True)
+            head.grow(info.num_new, init="uniform")
+            self.first_head = head.to(self.backbone_device)
+
+    def train_session(self, session: SessionData) -> None:
+        if self._tuned:
+            return  # later sessions train nothing
+        known = self.known
+
+        def loss_fn(batch: Batch) -> torch.Tensor:
+            return F.cross_entropy(self.first_head(self.tuned_features(batch.images)), batch.labels - known)
+
+        self.train_epochs(session, loss_fn, params=[*self.tuned_parameters(), *self.first_head.parameters()])
+        self.zero_grad(set_to_none=True)
+        self.freeze_tuned()
+
+    # --------------------------------------------------------------------------- features
+    def tuned_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: the pooled feature of the adapted model (PET active, or the fine-tuned copy)."""
+        if self.tuned_backbone is not None:
+            return self.tuned_backbone(images)
+        with pet_active(self.backbone, self.pet):
+            return self.backbone(images)
+
+    def pretrained_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: the pooled feature of the frozen original model."""
+        return self.backbone(images)
+
+    def tuned_parameters(self) -> list[nn.Parameter]:
+        """The tensors session 0 tunes besides the head: the PET's, or every weight of the tuned copy."""
+        module = self.tuned_backbone if self.tuned_backbone is not None else self.pet
+        return list(module.parameters()) if module is not None else []
+
+    @property
+    def tuned(self) -> bool:
+        """Session 0's training has ended: the tuned model and the head are frozen."""
+        return self._tuned
+
+    @property
+    def backbone_device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def freeze_tuned(self) -> None:
+        """Freeze the PET (or the tuned copy, kept in eval mode for good) and the session-0 head."""
+        if self.tuned_backbone is not None:
+            self.tuned_backbone.freeze()
+        if self.pet is not None:
+            self.pet.requires_grad_(False)
+        self.first_head.requires_grad_(False)
+        self._tuned = True
+
+    # ------------------------------------------------------------------------- checkpoints
+    def restore(self, state: Mapping[str, Any], sessions_done: int) -> None:
+        super().restore(state, sessions_done)
+        if sessions_done > 0:
+            self.freeze_tuned()
+
+
+# ---------------------------------------------------------------------------------- PET modules
+def build_pet(
+    kind: str, backbone: Backbone, adapter_dim: int, adapter_dropout: float, adapter_scale: float, prompt_tokens: int
+) -> nn.Module | None:
+    """The PET module for ``kind`` on ``backbone``'s ViT (None for ``finetune``)."""
+    if kind == "finetune":
+        return None
+    if kind == "adapter":
+        return AdapterSet.for_vit(backbone.vit, adapter_dim, adapter_dropout, adapter_scale)
+    if kind == "ssf":
+        return SSFParams.for_vit(backbone.vit)
+    if kind in ("vpt_shallow", "vpt_deep"):
+        return VisualPrompts.for_vit(backbone.vit, prompt_tokens, deep=kind == "vpt_deep")  # zero init, as PILOT
+    raise ConfigError(f"method.pet={kind!r}: choose one of {', '.join(PET_KINDS)}")
+
+
+def pet_active(backbone: Backbone, pet: nn.Module | None) -> AbstractContextManager[Any]:
+    """A context in which ``backbone(images)`` runs with ``pet`` attached to its (unmodified) ViT."""
+    if isinstance(pet, AdapterSet):
+        return adapters_active(backbone.vit, [pet])
+    if isinstance(pet, SSFParams):
+        return ssf_active(backbone.vit, pet)
+    if isinstance(pet, VisualPrompts):
+        return visual_prompts_active(backbone.vit, pet)
+    return nullcontext()
