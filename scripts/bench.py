@@ -144,6 +144,8 @@ def _config(method: str, data: list[str], args: argparse.Namespace) -> DictConfi
     with open_dict(cfg):
         if "epochs" in cfg.method:
             cfg.method.epochs = 1
+        if "num_freeze_epochs" in cfg.method:  # LAE: the one timed epoch trains its PET too
+            cfg.method.num_freeze_epochs = 0
     return cfg
 
 

@@ -95,11 +95,18 @@ def test_fisher_of_the_learner_is_over_all_seen_classes_and_every_head():
     assert (f_backbone == 1e-4).any() and (f_backbone < 1e-4).any()  # clipped at fisher_max
 
 
-@pytest.mark.parametrize("fisher_weighting", [True, False])
-def test_session_1_merges_backbone_and_heads_and_aligns_from_the_merge(monkeypatch, fisher_weighting):
+@pytest.mark.parametrize("fisher_weighting, scale_new_head", [(True, False), (True, True), (False, False)])
+def test_session_1_merges_backbone_and_heads_and_aligns_from_the_merge(monkeypatch, fisher_weighting, scale_new_head):
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     learner = CoFiMA(
-        tiny_vit(), scenario, runtime, epochs=1, batch_size=16, ca_epochs=1, fisher_weighting=fisher_weighting
+        tiny_vit(),
+        scenario,
+        runtime,
+        epochs=1,
+        batch_size=16,
+        ca_epochs=1,
+        fisher_weighting=fisher_weighting,
+        scale_new_head_by_fisher=scale_new_head,
     )
     fit(learner, pipeline, scenario.sessions[0])
     assert learner.fisher_head_weight.shape == (2, 48) and learner.fisher_backbone.numel() == (
@@ -140,11 +147,12 @@ def test_session_1_merges_backbone_and_heads_and_aligns_from_the_merge(monkeypat
     # alignment starts from the merged old head (aligned after session 0 vs stage 1) and the new head
     torch.testing.assert_close(init_w[:2], merged(aligned_w0[:2], w1[:2], fw0, fw1[:2]))
     torch.testing.assert_close(init_b[:2], merged(aligned_b0[:2], b1[:2], fb0, fb1[:2]))
-    new_w, new_b = (w1[2:] * fw1[2:], b1[2:] * fb1[2:]) if fisher_weighting else (w1[2:], b1[2:])
+    new_w, new_b = (w1[2:] * fw1[2:], b1[2:] * fb1[2:]) if scale_new_head else (w1[2:], b1[2:])
     torch.testing.assert_close(init_w[2:], new_w)
     torch.testing.assert_close(init_b[2:], new_b)
-    if fisher_weighting:  # the reference's product: the new head shrinks to <= 1e-4 of its size
+    if scale_new_head:  # the reference's product: the new head shrinks to <= 1e-4 of its size
         assert init_w[2:].abs().max() <= 1e-4 * w1[2:].abs().max()
+    if fisher_weighting:
         assert torch.equal(learner.fisher_backbone, f1) and torch.equal(learner.fisher_head_weight, fw1)
     # the stage-1 heads are back for the next session; predictions use the aligned copy
     torch.testing.assert_close(torch.cat([h.weight for h in learner.heads]), w1)

@@ -34,7 +34,9 @@ from pilot.registry import RegistryError, get_learner, learner_names, learners, 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = ROOT / "examples" / "pilot_example_plugin"
 PLUGIN_METHOD = "ranpac_mini"
-BUILTIN = {"simplecil", "l2p", "dualprompt", "coda", "ease", "slca"}
+APER = {"aper_adapter", "aper_ssf", "aper_vpt_shallow", "aper_vpt_deep", "aper_finetune"}  # one module, five names
+BUILTIN = {"simplecil", "l2p", "dualprompt", "coda", "ease", "slca", "ranpac", "fecam", "mos", "lae", "cofima", "duct"}
+BUILTIN |= APER
 # Two sessions of two classes on the tiny ViT and synthetic images.
 TWO_SESSIONS = ["dataset.num_classes=4", "scenario=b0inc2"]
 # Columns of sessions.csv that are results (not times, dates or memory); a resumed run must equal them.
@@ -95,7 +97,8 @@ def test_builtin_learners_are_registered_and_are_the_method_options():
     assert BUILTIN <= set(entries)
     assert available_options("method") == learner_names() == sorted(entries)
     for name in BUILTIN:
-        assert entries[name].builtin and entries[name].target.startswith(f"pilot.learners.{name}.")
+        module = "aper" if name in APER else name
+        assert entries[name].builtin and entries[name].target.startswith(f"pilot.learners.{module}.")
         assert issubclass(get_learner(name), Learner)
 
 

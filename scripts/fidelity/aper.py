@@ -3,7 +3,9 @@
 Protocol (as scripts/compare_with_pilot.py, whose helpers this script imports)
 ------------------------------------------------------------------------------
 Both sides run on the CPU in float32 on the same seeded *random* ViT-B/16 weights (timm
-``vit_base_patch16_224``, timm key names), the same images in [0, 1] and the same PET and head values.
+``vit_base_patch16_224``, timm key names), the same images in [0, 1] and the same PET and head values
+("trained" values; for finetune a few weights of the tuned copy drift from the pretrained ones, so the
+two branches differ).
 PILOT's code runs in its own environment (timm 0.6.x) from a checkout; nothing is downloaded: every
 ``timm.create_model`` call of PILOT (its adapter ViT takes its weights from one, its VPT ViT from
 another, the pretrained branch is one) is answered with ``pretrained=False`` and the shared weights.

@@ -250,7 +250,7 @@ def our_merge(inputs: Record, fisher_weighting: bool) -> Record:
     from pilot.learners import slca as slca_module
     from pilot.modules.merging import flatten
 
-    learner = our_learner(inputs, fisher_weighting=fisher_weighting)
+    learner = our_learner(inputs, fisher_weighting=fisher_weighting, scale_new_head_by_fisher=True)  # reference
     order = [n for n, _ in learner.backbone.model.named_parameters()]
     with torch.no_grad():
         learner.previous = flatten(inputs["theta0"]["vit"][n] for n in order)
