@@ -349,6 +349,61 @@ def print_summary(rows: list[dict[str, Any]], tiny: bool) -> None:
             print(f"{target}: {seconds:.1f} s  {verdict}")
 
 
+# ----------------------------------------------------------------------------- paper-table estimate
+def estimate_table(
+    rows: Any, methods: list[str], seeds: int, dataset: str = "cifar100", scenario: str = "b0inc10"
+) -> Any:
+    """Estimated wall time of a paper table (every learner in ``methods`` x ``seeds`` runs of ``dataset``
+    at its reference epochs) from the measured rates in ``rows`` (``results/bench.csv``: the latest
+    synthetic row of each learner). Per run, with N_t training and M_t test images in session t::
+
+        time = sum_t [ N_t * E_t / train_ips  +  N_t * E_t * (1 / fit_ips - 1 / train_ips)  +  M_<=t / eval_ips ]
+
+    ``E_t``: the config's ``method.epochs`` (learners that train in session 0 only: 0 after it, plus a
+    prototype pass ``N_t / feature_ips``); training-free learners pay ``N_t / feature_ips``. Start-up,
+    loading and writing are left out; an estimate from the GPU the rows were measured on."""
+    import pandas as pd
+
+    cfg = compose_config(["+method=simplecil", f"dataset={dataset}", f"scenario={scenario}"])
+    num_classes = {"cifar100": 100, "imagenet_r": 200}.get(dataset, 100)
+    per_class_train, per_class_test = {"cifar100": (500, 100), "imagenet_r": (120, 30)}.get(dataset, (500, 100))
+    init, step = int(cfg.scenario.init_cls), int(cfg.scenario.increment or cfg.scenario.init_cls)
+    sizes = [init] + [step] * ((num_classes - init) // step)
+    out = []
+    for method in methods:
+        measured = rows[(rows["method"] == method) & (rows["data"] == "synthetic")]
+        if measured.empty:
+            out.append({"method": method, "seeds": seeds, "run_s": math.nan, "total_s": math.nan, "note": "no row"})
+            continue
+        row = measured.iloc[-1]
+        method_cfg = compose_config([f"+method={method}", f"dataset={dataset}", f"scenario={scenario}"]).method
+        epochs = int(method_cfg.get("epochs", 0))
+        first_only = "session 0 only" in str(row.get("note", ""))
+        seconds, seen = 0.0, 0
+        for t, n_classes in enumerate(sizes):
+            n_train, seen = n_classes * per_class_train, seen + n_classes * per_class_test
+            e = epochs if (epochs and (t == 0 or not first_only)) else 0
+            if e:
+                seconds += n_train * e / float(row["train_ips"])
+                if not math.isnan(float(row["fit_ips"])):
+                    seconds += n_train * e * (1 / float(row["fit_ips"]) - 1 / float(row["train_ips"]))
+            if not e or first_only:
+                seconds += n_train / float(row["feature_ips"])
+            seconds += seen / float(row["eval_ips"])
+        out.append(
+            {
+                "method": method,
+                "epochs": epochs,
+                "seeds": seeds,
+                "run_s": seconds,
+                "total_s": seconds * seeds,
+                "device": row["device"],
+                "note": "",
+            }
+        )
+    return pd.DataFrame(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(learner_names()), help="default: every registered learner")
@@ -363,7 +418,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--profile-trace", default=None, help="folder for Chrome traces of the profiled sessions")
     parser.add_argument("--tiny", action="store_true", help="test ViT and tiny data: checks the script on a CPU")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="measure nothing: estimate a paper table's time (--methods x --seeds on --table-dataset) from --out",
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--table-dataset", default="cifar100")
     args = parser.parse_args(argv)
+    if args.table:
+        import pandas as pd
+
+        table = estimate_table(pd.read_csv(args.out), args.methods.split(","), args.seeds, args.table_dataset)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
+        devices = ", ".join(sorted(table["device"].dropna().unique()))
+        print(f"estimated paper table: {table['total_s'].sum() / 60:.1f} min (rates measured on {devices})")
+        return 0
 
     classes, per_train, per_test = (4, 16, 8) if args.tiny else (20, 500, 100)
     sources = {
