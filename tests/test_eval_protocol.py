@@ -32,8 +32,8 @@ from pilot.tables.results import protocol_mark
 
 NOISY = ["dataset.noise=250"]  # SimpleCIL below 100% on the synthetic classes
 SORTED_NOTE = (
-    "batch-wise prompt voting on class-sorted test batches: the test batch votes for the prompt, which leaks "
-    "label information"
+    "predictions depend on the class-sorted test batch. Batch-wise prompt voting (L2P, DualPrompt): the test "
+    "batch votes for the prompt, which leaks label information"
 )
 
 

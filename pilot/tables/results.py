@@ -115,6 +115,9 @@ METHOD_ORDER = [
     "ranpac",
     "fecam",
     "mos",
+    "lae",
+    "cofima",
+    "duct",
 ]
 
 # What a sessions.csv row must hold for a table, and what its values may be (pilot.sinks.csv writes them).
@@ -832,9 +835,11 @@ def _group_protocols(runs: pd.DataFrame) -> dict[str, str]:
 SORTED_BATCH_MARK, SHUFFLED_BATCH_MARK = "†", "‡"
 PROTOCOL_NOTES = {
     SORTED_BATCH_MARK: (
-        "batch-wise prompt voting on class-sorted test batches: the test batch votes for the prompt, which leaks "
-        "label information (predictions depend on the other, same-class samples of the batch). Per-sample numbers: "
-        "method.batchwise_prompt_eval=false"
+        "predictions depend on the class-sorted test batch. Batch-wise prompt voting (L2P, DualPrompt): the test "
+        "batch votes for the prompt, which leaks label information; per-sample numbers: "
+        "method.batchwise_prompt_eval=false. Adapter drift (MOS, as the reference): stored adapters move toward the "
+        "mean of earlier ones at every test batch, so scores depend on the number and order of test batches; "
+        "per-sample numbers: method.adapter_drift=false"
     ),
     SHUFFLED_BATCH_MARK: (
         "batch-dependent predictions on shuffled test batches (scenario.shuffle_test=true): no class-sorted "
