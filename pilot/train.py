@@ -90,6 +90,18 @@ def _require_method(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def run_dir_pattern(started: float) -> str:
+    """``hydra.run.dir`` of ``configs/train.yaml`` with its ``${now:FORMAT}`` replaced by the time
+    ``started`` (rank 0's clock), other interpolations left for Hydra: every rank gets the same directory."""
+    import time
+
+    import yaml
+
+    pattern = str(yaml.safe_load((CONFIG_DIR / "train.yaml").read_text())["hydra"]["run"]["dir"])
+    moment = time.localtime(started)
+    return re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m[1], moment), pattern)
+
+
 def _join_torchrun(argv: list[str]) -> list[str]:
     """Under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1): join the process group, and return the
     overrides that make every rank use rank 0's run directory (its ``${now:...}``) and leave the run
@@ -103,16 +115,12 @@ def _join_torchrun(argv: list[str]) -> list[str]:
         sys.exit(2)
     import time
 
-    from omegaconf import OmegaConf
-
     from pilot import distributed
 
     distributed.init_from_env()
     extra = []
     if not any(a.startswith("hydra.run.dir=") for a in argv):
-        started = time.localtime(distributed.broadcast_object(time.time()))
-        pattern = str(OmegaConf.load(CONFIG_DIR / "train.yaml").hydra.run.dir)
-        extra.append("hydra.run.dir=" + re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m[1], started), pattern))
+        extra.append("hydra.run.dir=" + run_dir_pattern(distributed.broadcast_object(time.time())))
     if not distributed.is_main():
         extra += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     return extra

@@ -107,3 +107,15 @@ def test_resume_under_torchrun_is_identical(runs):
     columns = ["session", "epoch", "loss"]
     losses_full = pd.read_csv(runs[RESUMED] / EPOCHS_FILE)[columns]
     pd.testing.assert_frame_equal(pd.read_csv(runs[f"{RESUMED}_cut"] / EPOCHS_FILE)[columns], losses_full)
+
+
+def test_every_rank_gets_rank_0s_run_directory():
+    """Under torchrun the entry point replaces ``${now:...}`` in ``hydra.run.dir`` by rank 0's clock."""
+    import time
+
+    from pilot.train import run_dir_pattern
+
+    started = time.mktime((2026, 11, 26, 14, 34, 46, 0, 0, -1))
+    assert run_dir_pattern(started) == (
+        "${paths.results_dir}/runs/2026-11-26_14-34-46_${labels.method}_${labels.dataset}_s${seed}"
+    )
