@@ -40,6 +40,7 @@ import functools
 import importlib.util
 import inspect
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -258,7 +259,10 @@ def _literal(node: ast.expr | None) -> Any:
 
 def _signature_from_source(target: str) -> Signature | None:
     """The signature of ``target`` read from its module's source, or None where that does not work
-    (no such module or name, a C extension, a class without its own ``__init__``)."""
+    (no such module or name, a C extension). A class without its own ``__init__``, or one whose
+    ``__init__`` forwards ``**kwargs`` to ``super().__init__``, also takes its base class's parameters
+    (see :func:`_with_inherited`); the base is the first one the ``class`` statement names, found in the
+    same module or through its imports."""
     module, _, name = target.rpartition(".")
     try:
         spec = importlib.util.find_spec(module)  # imports the parent packages only
@@ -268,11 +272,21 @@ def _signature_from_source(target: str) -> Signature | None:
         return None
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     found = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
-    if isinstance(found, ast.ClassDef):
-        found = next((n for n in found.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
-    if found is None:
-        return None
-    args = found.args
+    if not isinstance(found, ast.ClassDef):
+        return None if found is None else _own_signature(found)
+    base = _base_target(tree, module, found)
+    init = next((n for n in found.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if init is None:
+        return signature_of(base) if base is not None else None
+    own = _own_signature(init)
+    forwarded = _forwarded_arguments(init)
+    if base is None or forwarded is None:
+        return own
+    return _with_inherited(own, signature_of(base), *forwarded)
+
+
+def _own_signature(function: ast.FunctionDef) -> Signature:
+    args = function.args
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
     pairs = list(zip(positional, defaults)) + list(zip(args.kwonlyargs, args.kw_defaults))
@@ -284,9 +298,53 @@ def _signature_from_source(target: str) -> Signature | None:
     return Signature(params, open=args.kwarg is not None)
 
 
+def _base_target(tree: ast.Module, module: str, cls: ast.ClassDef) -> str | None:
+    """The dotted name of the first base class of ``cls`` (defined in ``module`` or imported by name)."""
+    if not cls.bases or not isinstance(cls.bases[0], ast.Name):
+        return None
+    name = cls.bases[0].id
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return f"{module}.{name}"
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return f"{node.module}.{alias.name}"
+    return None
+
+
+def _forwarded_arguments(init: ast.FunctionDef) -> tuple[int, frozenset[str]] | None:
+    """For an ``__init__(..., **kwargs)`` that calls ``super().__init__(a, b, key=..., **kwargs)``: how many
+    arguments that call passes by position, and the keywords it passes itself. None for any other."""
+    if init.args.kwarg is None:
+        return None
+    kwarg = init.args.kwarg.arg
+    for node in ast.walk(init):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "__init__"
+            and isinstance(node.func.value, ast.Call)
+            and isinstance(node.func.value.func, ast.Name)
+            and node.func.value.func.id == "super"
+            and any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == kwarg for k in node.keywords)
+        ):
+            return len(node.args), frozenset(k.arg for k in node.keywords if k.arg is not None)
+    return None
+
+
+def _with_inherited(own: Signature, base: Signature, positional: int, passed: frozenset[str]) -> Signature:
+    """``own`` (whose ``**kwargs`` go to the base class) with the base's parameters that the forwarding call
+    leaves to the caller: not its first ``positional`` ones, not those ``passed`` by keyword, not those
+    ``own`` lists (the subclass's default wins). Open where the base is open."""
+    inherited = {k: p for k, p in list(base.params.items())[positional:] if k not in passed and k not in own.params}
+    return Signature({**own.params, **inherited}, open=base.open)
+
+
 def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
     """The signature of an imported callable, with its annotations evaluated (Any where they fail).
-    For a class, that of its ``__init__`` (a metaclass ``__call__`` would hide it from ``inspect``)."""
+    For a class, that of its ``__init__`` (a metaclass ``__call__`` would hide it from ``inspect``), with
+    the base class's parameters where ``__init__`` forwards ``**kwargs`` to it (as :func:`_signature_from_source`)."""
     function = getattr(fn, "__init__") if isinstance(fn, type) else fn
     try:
         hints = typing.get_type_hints(function, include_extras=True)
@@ -301,7 +359,24 @@ def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
             is_open = True
         elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
             params[p.name] = Param(p.name, hints.get(p.name, Any), p.default)
-    return Signature(params, open=is_open)
+    own = Signature(params, open=is_open)
+    if not (is_open and isinstance(fn, type)):
+        return own
+    mro = fn.__mro__
+    owner = next(i for i, c in enumerate(mro) if "__init__" in vars(c))  # the class whose __init__ this is
+    forwarded = _forwarded_arguments_of(function)
+    if forwarded is None or owner + 1 == len(mro):
+        return own
+    return _with_inherited(own, _signature_of_callable(mro[owner + 1]), *forwarded)  # what super() reaches
+
+
+def _forwarded_arguments_of(function: Callable[..., Any]) -> tuple[int, frozenset[str]] | None:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    init = tree.body[0] if tree.body else None
+    return _forwarded_arguments(init) if isinstance(init, ast.FunctionDef) else None
 
 
 @functools.cache

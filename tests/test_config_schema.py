@@ -196,11 +196,10 @@ def test_slca_without_classifier_alignment_validates():
 
 
 # ------------------------------------------------------------------------ one source of truth
-def _parameters(fn) -> dict[str, inspect.Parameter]:
-    """A callable's parameters; for a class those of ``__init__`` (learners have a metaclass ``__call__``)."""
-    if isinstance(fn, type):
-        return dict(list(inspect.signature(fn.__init__).parameters.items())[1:])
-    return dict(inspect.signature(fn).parameters)
+def _parameters(fn) -> dict[str, schema.Param]:
+    """A callable's parameters, from the imported object; for a class those of ``__init__`` (learners have
+    a metaclass ``__call__``) with those it forwards to its base class by ``**kwargs``."""
+    return schema._signature_of_callable(fn).params
 
 
 def _as_config(value):
@@ -351,6 +350,57 @@ def test_reading_the_source_gives_the_imported_signature(target):
             assert param.type == real.type, name
         if param.default is not schema.UNKNOWN:
             assert param.default == real.default, name
+
+
+_FORWARDING = {
+    "forwarding_base.py": """
+from pilot.schema import PositiveInt
+
+
+class Base:
+    def __init__(self, backbone: object, *, kind: str, epochs: PositiveInt = 5, lr: float = 0.1) -> None:
+        pass
+""",
+    "forwarding_child.py": """
+from typing import Any
+
+from forwarding_base import Base
+from pilot.schema import PositiveInt
+
+
+class Child(Base):
+    def __init__(self, backbone: object, *, width: PositiveInt = 3, epochs: PositiveInt = 7, **base: Any) -> None:
+        super().__init__(backbone, kind="fixed", **base)
+
+
+class Grandchild(Child):
+    pass
+
+
+class Open(Base):
+    def __init__(self, backbone: object, **options: Any) -> None:  # not forwarded: any key goes
+        super().__init__(backbone, kind="open")
+""",
+}
+
+
+def test_kwargs_forwarded_to_the_base_class_bring_its_parameters(tmp_path, monkeypatch):
+    """``**base`` passed on to ``super().__init__`` adds the base class's parameters, less those the call
+    sets itself (by position or keyword) and those the subclass redefines (its default wins); a class
+    without ``__init__`` has its base's. Read from the source and from the imported class alike."""
+    for name, text in _FORWARDING.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in ("forwarding_child.Child", "forwarding_child.Grandchild"):
+        for signature in (schema._signature_from_source(target), schema._signature_of_callable(get_object(target))):
+            assert signature is not None and not signature.open
+            assert list(signature.params) == ["backbone", "width", "epochs", "lr"]
+            assert signature.params["epochs"].default == 7 and signature.params["lr"].default == 0.1
+            assert schema.describe(signature.params["width"].type) == "an integer >= 1"
+    with pytest.raises(ConfigError, match="method.kind is not a parameter"):
+        schema.check_node("method", {"_target_": "forwarding_child.Child", "kind": "other"}, {"backbone"})
+    opened = schema._signature_from_source("forwarding_child.Open")
+    assert opened is not None and opened.open and list(opened.params) == ["backbone"]
 
 
 @pytest.mark.parametrize("target", sorted(schema.STAND_INS))

@@ -250,23 +250,13 @@ class BatchStream:
         loaded: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(self._loader) if self._plan.batches else iter(())
         for batch, part in zip(batches, parts):
             if len(part) == 0:
-                empty = torch.zeros(0, dtype=torch.long, device=p.runtime.device)
+                ids = torch.zeros(0, dtype=torch.long, device=p.runtime.device)
                 size = p.transforms.size
                 pixels = torch.zeros(0, 3, size, size, dtype=torch.uint8, device=p.runtime.device)
-                yield Batch(
-                    pixels,
-                    p.finish(p.transforms.finish),
-                    labels[empty],
-                    empty,
-                    self.split,
-                    self.augment,
-                    len(labels),
-                    len(batch),
-                )
-                continue
-            pixels, ids = next(loaded)
-            pixels = pixels.to(p.runtime.device, non_blocking=True)
-            ids = ids.to(p.runtime.device, non_blocking=True)
+            else:
+                pixels, ids = next(loaded)
+                pixels = pixels.to(p.runtime.device, non_blocking=True)
+                ids = ids.to(p.runtime.device, non_blocking=True)
             yield Batch(
                 pixels,
                 p.finish(p.transforms.finish),

@@ -18,12 +18,22 @@ end of every session, session 0 included ("replace_fc" after ``construct_dual_br
 Both branches are fixed after session 0, so the features of test images are cached across sessions.
 Five registered names, one per PET: ``aper_adapter``, ``aper_ssf``, ``aper_vpt_shallow``,
 ``aper_vpt_deep``, ``aper_finetune``.
+
+How the five names share one constructor: :class:`APER` takes no parameter of its own and forwards
+everything (``**base``) to :class:`~pilot.learners.first_session.FirstSessionTuned`, whose keyword
+parameters (optimizer, scheduler, epochs, batch_size, the batch sizes, cache_features) every variant
+inherits with their defaults. Each variant fixes ``pet`` (a ``PetSpec``, not a config key) and lists
+only what it adds or changes: the options of its PET (``prompt_tokens``; SSF has none), or, for
+``aper_finetune``, the training defaults that differ. ``aper_adapter`` takes the adapter and its
+options from :class:`~pilot.learners.first_session.AdapterTuned` (as FeCAM and RanPAC do), listed first
+among its bases, whose ``super().__init__`` then reaches APER's. :mod:`pilot.schema` follows the
+``**base`` forwarding through the first base class, so each name's config keys are exactly these parameters.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import SGD
@@ -32,60 +42,23 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.first_session import FirstSessionTuned
+from pilot.learners.first_session import AdapterTuned, FirstSessionTuned, PetKind, PetSpec
 from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import CosineLinear, class_means
-from pilot.modules.features import FeatureCache, extract_features
+from pilot.modules.features import extract_features
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
-from pilot.schema import NonNegativeFloat, PositiveInt, Probability
-
-_SGD = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)  # exps/aper_*.json (CIFAR): init_lr, weight_decay
-_COSINE = partial(CosineAnnealingLR, T_max=20, eta_min=0.0)  # T_max = tuned_epoch, min_lr 0
+from pilot.schema import PositiveInt
 
 
 class APER(FirstSessionTuned):
     """Two frozen branches [pretrained ; tuned] after session 0, cosine prototype classifier."""
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        *,
-        pet: Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"] = "adapter",
-        optimizer: OptimizerFactory = _SGD,
-        scheduler: SchedulerFactory | None = _COSINE,
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
-        adapter_dim: PositiveInt = 64,
-        adapter_dropout: Probability = 0.1,
-        adapter_scale: NonNegativeFloat = 0.1,
-        prompt_tokens: PositiveInt = 5,
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
-    ) -> None:
-        super().__init__(
-            backbone,
-            scenario,
-            runtime,
-            pet=pet,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epochs=epochs,
-            batch_size=batch_size,
-            adapter_dim=adapter_dim,
-            adapter_dropout=adapter_dropout,
-            adapter_scale=adapter_scale,
-            prompt_tokens=prompt_tokens,
-        )
-        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
-        self.cache_features = cache_features
+    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, **base: Any) -> None:
+        super().__init__(backbone, scenario, runtime, **base)
         # Rows are written, never trained, and sigma stays 1 (reference: a fresh CosineLinear whose
         # sigma no optimiser sees after session 0).
         self.head = CosineLinear(2 * backbone.feature_dim, learn_sigma=False).requires_grad_(False)
-        self.features = FeatureCache()
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
@@ -105,46 +78,18 @@ class APER(FirstSessionTuned):
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
-            if self.cache_features and self.tuned:
-                feats = self.features(batch, self.branch_features, self.runtime)
-            else:
-                feats = self.runtime.chunked(self.branch_features, batch.images)
+            feats = self.frozen_features(batch, self.branch_features)
         return self.head(feats)
 
     def branch_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 2D]``: [pretrained ; tuned] pooled features (reference order: the original branch first)."""
         return torch.cat([self.pretrained_features(images), self.tuned_features(images)], dim=1)
 
-    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False):
-        self.features.clear()
-        return super().load_state_dict(state, strict=strict, assign=assign)
-
 
 # ------------------------------------------------------------------------------ the five names
 @register_learner("aper_adapter")
-class AperAdapter(APER):
-    """APER with one AdaptFormer adapter set (exps/aper_aperpter.json, _inr.json)."""
-
-    requires_vit = True
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        *,
-        optimizer: OptimizerFactory = _SGD,
-        scheduler: SchedulerFactory | None = _COSINE,
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
-        adapter_dim: PositiveInt = 64,
-        adapter_dropout: Probability = 0.1,
-        adapter_scale: NonNegativeFloat = 0.1,
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
-    ) -> None:
-        super().__init__(pet="adapter", **_own_arguments(locals()))
+class AperAdapter(AdapterTuned, APER):
+    """APER with one AdaptFormer adapter set (exps/aper_aperpter.json, _inr.json): AdapterTuned's PET and options."""
 
 
 @register_learner("aper_ssf")
@@ -153,21 +98,8 @@ class AperSSF(APER):
 
     requires_vit = True
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        *,
-        optimizer: OptimizerFactory = _SGD,
-        scheduler: SchedulerFactory | None = _COSINE,
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
-    ) -> None:
-        super().__init__(pet="ssf", **_own_arguments(locals()))
+    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, **base: Any) -> None:
+        super().__init__(backbone, scenario, runtime, pet=PetSpec("ssf"), **base)
 
 
 @register_learner("aper_vpt_shallow")
@@ -175,47 +107,20 @@ class AperVPTShallow(APER):
     """APER with VPT-Shallow prompt tokens at the input (exps/aper_vpt_shallow.json; ImageNet-R: see the config)."""
 
     requires_vit = True
+    vpt_kind: ClassVar[PetKind] = "vpt_shallow"
 
     def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        *,
-        optimizer: OptimizerFactory = _SGD,
-        scheduler: SchedulerFactory | None = _COSINE,
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
-        prompt_tokens: PositiveInt = 5,
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
+        self, backbone: Backbone, scenario: Scenario, runtime: Runtime, *, prompt_tokens: PositiveInt = 5, **base: Any
     ) -> None:
-        super().__init__(pet="vpt_shallow", **_own_arguments(locals()))
+        pet = PetSpec(self.vpt_kind, prompt_tokens=prompt_tokens)
+        super().__init__(backbone, scenario, runtime, pet=pet, **base)
 
 
 @register_learner("aper_vpt_deep")
-class AperVPTDeep(APER):
+class AperVPTDeep(AperVPTShallow):
     """APER with VPT-Deep prompt tokens in every block (exps/aper_vpt_deep.json, _inr.json)."""
 
-    requires_vit = True
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        *,
-        optimizer: OptimizerFactory = _SGD,
-        scheduler: SchedulerFactory | None = _COSINE,
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
-        prompt_tokens: PositiveInt = 5,
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
-    ) -> None:
-        super().__init__(pet="vpt_deep", **_own_arguments(locals()))
+    vpt_kind = "vpt_deep"
 
 
 @register_learner("aper_finetune")
@@ -232,13 +137,7 @@ class AperFinetune(APER):
         scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=6, eta_min=0.0),
         epochs: PositiveInt = 6,
         batch_size: PositiveInt = 128,
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
+        **base: Any,
     ) -> None:
-        super().__init__(pet="finetune", **_own_arguments(locals()))
-
-
-def _own_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """A variant's constructor arguments (its ``locals()`` on entry), passed on to :class:`APER` by name."""
-    return {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+        training = dict(optimizer=optimizer, scheduler=scheduler, epochs=epochs, batch_size=batch_size)
+        super().__init__(backbone, scenario, runtime, pet=PetSpec("finetune"), **training, **base)

@@ -23,30 +23,24 @@ The tuned model is fixed after session 0, so test features are cached across ses
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Literal
 
 import torch
-from torch.optim import SGD
-from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.first_session import FirstSessionTuned
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
-from pilot.modules.features import FeatureCache, extract_features
+from pilot.learners.first_session import AdapterTuned
+from pilot.modules.features import extract_features
 from pilot.modules.mahalanobis import ClassMahalanobis
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
-from pilot.schema import NonNegativeFloat, PositiveInt, Probability
+from pilot.schema import NonNegativeFloat
 
 
 @register_learner("fecam")
-class FeCAM(FirstSessionTuned):
+class FeCAM(AdapterTuned):
     """Adapter tuned in session 0, then per-class Mahalanobis distances with shrunk, normalised covariances."""
-
-    requires_vit = True
 
     def __init__(
         self,
@@ -54,38 +48,14 @@ class FeCAM(FirstSessionTuned):
         scenario: Scenario,
         runtime: Runtime,
         *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
-        adapter_dim: PositiveInt = 64,
-        adapter_dropout: Probability = 0.1,
-        adapter_scale: NonNegativeFloat = 0.1,
         covariance: Literal["pilot", "paper"] = "pilot",
         shrink: NonNegativeFloat = 100.0,
         gamma1: NonNegativeFloat = 1.0,
         gamma2: NonNegativeFloat = 0.0,
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            scenario,
-            runtime,
-            pet="adapter",
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epochs=epochs,
-            batch_size=batch_size,
-            adapter_dim=adapter_dim,
-            adapter_dropout=adapter_dropout,
-            adapter_scale=adapter_scale,
-        )
-        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
-        self.cache_features = cache_features
+        super().__init__(backbone, scenario, runtime, **base)
         self.classes = ClassMahalanobis(backbone.feature_dim, covariance, shrink, gamma1, gamma2)
-        self.features = FeatureCache()
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
@@ -106,12 +76,5 @@ class FeCAM(FirstSessionTuned):
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
-            if self.cache_features and self.tuned:
-                feats = self.features(batch, self.tuned_features, self.runtime)
-            else:
-                feats = self.runtime.chunked(self.tuned_features, batch.images)
+            feats = self.frozen_features(batch, self.tuned_features)
         return -self.classes(feats)
-
-    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False):
-        self.features.clear()
-        return super().load_state_dict(state, strict=strict, assign=assign)

@@ -33,9 +33,11 @@ No ViT is copied for the other PETs: the PET module is registered on the learner
 
 API for subclasses (stable)
 ---------------------------
-``__init__(backbone, scenario, runtime, *, pet, optimizer, scheduler, epochs, batch_size, adapter_dim=64,
-adapter_dropout=0.1, adapter_scale=0.1, prompt_tokens=5)``
-    subclasses add their own keyword-only parameters and pass these through.
+``__init__(backbone, scenario, runtime, *, pet, optimizer, scheduler, epochs, batch_size,
+prototype_batch_size=128, eval_batch_size=256, cache_features=True)``
+    ``pet`` (a :class:`PetSpec`: the kind and its options) is fixed by each subclass, which declares the
+    options of its PET (``adapter_dim``...) as its own keyword-only parameters, adds its others, and
+    forwards the rest with ``**base`` (:mod:`pilot.schema` reads the forwarded ones from this class).
 ``tuned_features(images) -> [B, D]``
     the adapted model's pooled feature (CLS after the final norm for a ViT); dropout of the PET follows
     the learner's train/eval mode (pass ``eval_mode=self`` to ``extract_features``).
@@ -43,17 +45,22 @@ adapter_dropout=0.1, adapter_scale=0.1, prompt_tokens=5)``
     the frozen original model, no PET.
 ``tuned -> bool``
     True once session 0's training has ended: the PET and head are frozen and ``tuned_features`` is a
-    fixed function of the image (cacheable with ``FeatureCache``; deterministic in eval mode).
+    fixed function of the image (cacheable; deterministic in eval mode).
+``frozen_features(batch, fn) -> [B, ...]``
+    ``fn(batch.images)`` for prediction, cached in ``self.features`` once ``tuned`` (``cache_features``).
 ``pet_kind``, ``pet`` (module or None), ``tuned_backbone`` (finetune: a :class:`Backbone`, else None),
 ``first_head`` (session-0 cosine head), ``tuned_parameters()`` (the PET's tensors, or the tuned copy's).
 Hooks: ``begin_session`` (session 0: a fresh ``first_head``), ``train_session`` (session 0: the
 tuning, then :meth:`freeze_tuned`), ``restore`` (freezes after replaying finished sessions). Subclasses
-call ``super()`` in ``begin_session`` and implement ``end_session`` and ``predict``.
+call ``super()`` in ``begin_session`` and implement ``end_session`` and ``predict``; those that hook
+into ViT blocks (every PET but ``finetune``) set ``requires_vit``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import typing
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Literal, Mapping
@@ -70,20 +77,19 @@ from pilot.backbones.ssf import SSFParams, ssf_active
 from pilot.backbones.vpt import VisualPrompts, visual_prompts_active
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
-from pilot.errors import ConfigError, IncompatibleBackboneError
+from pilot.errors import ConfigError
 from pilot.learners.base import Learner
 from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import CosineLinear
+from pilot.modules.features import FeatureCache, FeatureFn
 from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveInt, Probability
 
-PET_KINDS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")
+PetKind = Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"]
 
 
 class FirstSessionTuned(Learner):
     """Session 0: PET + cosine head trained with CE; afterwards the tuned model is frozen (see the module doc)."""
-
-    requires_vit = False  # decided per ``pet`` in check_requirements (finetune also runs on a CNN)
 
     def __init__(
         self,
@@ -91,40 +97,29 @@ class FirstSessionTuned(Learner):
         scenario: Scenario,
         runtime: Runtime,
         *,
-        pet: Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"] = "adapter",
+        pet: PetSpec,
         optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
         scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
         epochs: PositiveInt = 20,
         batch_size: PositiveInt = 48,
-        adapter_dim: PositiveInt = 64,
-        adapter_dropout: Probability = 0.1,
-        adapter_scale: NonNegativeFloat = 0.1,
-        prompt_tokens: PositiveInt = 5,
+        prototype_batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        cache_features: bool = True,
     ) -> None:
         super().__init__(backbone, scenario, runtime)
         self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
-        self.pet_kind = pet
+        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
+        self.cache_features = cache_features
+        self.pet_kind = pet.kind
         self.tuned_backbone: Backbone | None = None
-        if pet == "finetune":
+        if pet.kind == "finetune":
             self.tuned_backbone = copy.deepcopy(backbone)  # before freeze(): the copy trains in session 0
             self.tuned_backbone.requires_grad_(True)
         self.backbone.freeze()
-        self.pet = build_pet(pet, backbone, adapter_dim, adapter_dropout, adapter_scale, prompt_tokens)
+        self.pet = build_pet(pet, backbone)
         self.first_head = CosineLinear(backbone.feature_dim, learn_sigma=True)
         self._tuned = False
-
-    @classmethod
-    def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
-        super().check_requirements(backbone, scenario, params)
-        pet = params.get("pet")
-        if pet is None or pet == "finetune":
-            return
-        if not backbone.is_vit:
-            raise IncompatibleBackboneError(
-                f"method.pet={pet} attaches to the blocks of a timm VisionTransformer, but backbone "
-                f"{backbone.name} is a timm {type(backbone.model).__name__}. Choose a ViT backbone "
-                "(backbone=vit_b16_in1k) or method.pet=finetune."
-            )
+        self.features = FeatureCache()
 
     # ------------------------------------------------------------------------------ hooks
     def begin_session(self, info: SessionInfo) -> None:
@@ -153,6 +148,12 @@ class FirstSessionTuned(Learner):
             return self.tuned_backbone(images)
         with pet_active(self.backbone, self.pet):
             return self.backbone(images)
+
+    def frozen_features(self, batch: Batch, fn: FeatureFn) -> torch.Tensor:
+        """``fn(batch.images)`` for prediction: cached per test sample once the tuned model is frozen."""
+        if self.cache_features and self._tuned:
+            return self.features(batch, fn, self.runtime)
+        return self.runtime.chunked(fn, batch.images)
 
     def pretrained_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, D]``: the pooled feature of the frozen original model."""
@@ -187,21 +188,54 @@ class FirstSessionTuned(Learner):
         if sessions_done > 0:
             self.freeze_tuned()
 
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False):
+        self.features.clear()
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+class AdapterTuned(FirstSessionTuned):
+    """:class:`FirstSessionTuned` with one AdaptFormer adapter set (FeCAM, RanPAC: width, dropout, scale)."""
+
+    requires_vit = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        scenario: Scenario,
+        runtime: Runtime,
+        *,
+        adapter_dim: PositiveInt = 64,
+        adapter_dropout: Probability = 0.1,
+        adapter_scale: NonNegativeFloat = 0.1,
+        **base: Any,
+    ) -> None:
+        pet = PetSpec("adapter", adapter_dim, adapter_dropout, adapter_scale)
+        super().__init__(backbone, scenario, runtime, pet=pet, **base)
+
 
 # ---------------------------------------------------------------------------------- PET modules
-def build_pet(
-    kind: str, backbone: Backbone, adapter_dim: int, adapter_dropout: float, adapter_scale: float, prompt_tokens: int
-) -> nn.Module | None:
-    """The PET module for ``kind`` on ``backbone``'s ViT (None for ``finetune``)."""
-    if kind == "finetune":
+@dataclasses.dataclass(frozen=True)
+class PetSpec:
+    """Which PET session 0 trains, with its options (the other kinds' options are not used)."""
+
+    kind: PetKind
+    adapter_dim: int = 64
+    adapter_dropout: float = 0.1
+    adapter_scale: float = 0.1
+    prompt_tokens: int = 5
+
+
+def build_pet(spec: PetSpec, backbone: Backbone) -> nn.Module | None:
+    """The PET module ``spec`` describes on ``backbone``'s ViT (None for ``finetune``)."""
+    if spec.kind == "finetune":
         return None
-    if kind == "adapter":
-        return AdapterSet.for_vit(backbone.vit, adapter_dim, adapter_dropout, adapter_scale)
-    if kind == "ssf":
+    if spec.kind == "adapter":
+        return AdapterSet.for_vit(backbone.vit, spec.adapter_dim, spec.adapter_dropout, spec.adapter_scale)
+    if spec.kind == "ssf":
         return SSFParams.for_vit(backbone.vit)
-    if kind in ("vpt_shallow", "vpt_deep"):
-        return VisualPrompts.for_vit(backbone.vit, prompt_tokens, deep=kind == "vpt_deep")  # zero init, as PILOT
-    raise ConfigError(f"method.pet={kind!r}: choose one of {', '.join(PET_KINDS)}")
+    if spec.kind in ("vpt_shallow", "vpt_deep"):  # zero init, as PILOT
+        return VisualPrompts.for_vit(backbone.vit, spec.prompt_tokens, deep=spec.kind == "vpt_deep")
+    raise ConfigError(f"pet={spec.kind!r}: choose one of {', '.join(typing.get_args(PetKind))}")
 
 
 def pet_active(backbone: Backbone, pet: nn.Module | None) -> AbstractContextManager[Any]:

@@ -23,26 +23,23 @@ Both the adapter and ``W`` are fixed after session 0, so test features are cache
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.optim import SGD
-from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
-from pilot.learners.first_session import FirstSessionTuned
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
-from pilot.modules.features import FeatureCache, extract_features
+from pilot.learners.first_session import AdapterTuned
+from pilot.modules.features import extract_features
+from pilot.modules.gaussian import zero_rows_to
 from pilot.modules.precision import float32_compute
 from pilot.modules.ridge import RIDGE_CANDIDATES, RidgeStatistics
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
-from pilot.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Probability, Seed
+from pilot.schema import PositiveFloat, PositiveInt, Probability, Seed
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +58,9 @@ def readout_logits(
 
 
 @register_learner("ranpac")
-class RanPAC(FirstSessionTuned):
+class RanPAC(AdapterTuned):
     """Adapter tuned in session 0, then a ridge readout on random ReLU features, solved every session."""
 
-    requires_vit = True
     readout: torch.Tensor  # [seen classes, M] float32: the rows of W_o^T
     ridge: torch.Tensor  # lambda chosen in the last session (float64 scalar)
 
@@ -74,45 +70,21 @@ class RanPAC(FirstSessionTuned):
         scenario: Scenario,
         runtime: Runtime,
         *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
-        adapter_dim: PositiveInt = 64,
-        adapter_dropout: Probability = 0.1,
-        adapter_scale: NonNegativeFloat = 0.1,
         projection_dim: PositiveInt = 10000,
         projection_seed: Seed | None = None,
         ridge_candidates: Sequence[PositiveFloat] = RIDGE_CANDIDATES,
         ridge_fit_fraction: Probability = 0.8,
         scoring: Literal["cosine", "raw"] = "cosine",
-        prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
-        cache_features: bool = True,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            scenario,
-            runtime,
-            pet="adapter",
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epochs=epochs,
-            batch_size=batch_size,
-            adapter_dim=adapter_dim,
-            adapter_dropout=adapter_dropout,
-            adapter_scale=adapter_scale,
-        )
+        super().__init__(backbone, scenario, runtime, **base)
         self.ridge_candidates = [float(r) for r in ridge_candidates]
         self.ridge_fit_fraction, self.scoring = float(ridge_fit_fraction), scoring
-        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
-        self.cache_features = cache_features
         # projection_seed None: W comes from the global generator, which follows the run seed (as the reference).
         generator = None if projection_seed is None else torch.Generator().manual_seed(projection_seed)
         self.statistics = RidgeStatistics(backbone.feature_dim, projection_dim, scenario.num_classes, generator)
         self.register_buffer("readout", torch.zeros(0, projection_dim))
         self.register_buffer("ridge", torch.zeros((), dtype=torch.float64))
-        self.features = FeatureCache()
 
     @classmethod
     def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
@@ -128,8 +100,7 @@ class RanPAC(FirstSessionTuned):
     # ------------------------------------------------------------------------------ hooks
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
-        extra = info.total - self.readout.shape[0]
-        self.readout = torch.cat([self.readout, self.readout.new_zeros(extra, self.readout.shape[1])])
+        self.readout = zero_rows_to(self.readout, info.total)
 
     @torch.no_grad()
     def end_session(self, session: SessionData) -> None:
@@ -148,13 +119,6 @@ class RanPAC(FirstSessionTuned):
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
-            if self.cache_features and self.tuned:
-                feats = self.features(batch, self.tuned_features, self.runtime)
-            else:
-                feats = self.runtime.chunked(self.tuned_features, batch.images)
+            feats = self.frozen_features(batch, self.tuned_features)
         sigma = self.first_head.sigma if self.first_head.sigma is not None else 1.0
         return readout_logits(self.statistics.expand(feats), self.readout, self.scoring, sigma)
-
-    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False):
-        self.features.clear()
-        return super().load_state_dict(state, strict=strict, assign=assign)

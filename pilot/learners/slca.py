@@ -39,18 +39,18 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import SGD, Optimizer
+from torch.optim import SGD
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, ParamGroups, SchedulerFactory, build_optimizer, train_epochs
+from pilot.learners.training import OptimizerFactory, SchedulerFactory, slow_backbone_optimizer, train_epochs
 from pilot.modules.alignment import align_classifier
 from pilot.modules.classifiers import linear_head
 from pilot.modules.features import extract_features
-from pilot.modules.gaussian import ClassGaussians
+from pilot.modules.gaussian import ClassGaussians, zero_rows_to
 from pilot.modules.precision import FP32Linear
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
@@ -119,10 +119,8 @@ class SLCA(Learner):
         self.heads.requires_grad_(False)
         self.heads.append(linear_head(self.backbone.feature_dim, info.num_new).to(device))
         self.stats.grow(info.total)
-        extra = info.total - self.aligned_weight.shape[0]
-        zeros = self.aligned_weight.new_zeros(extra, self.backbone.feature_dim)
-        self.aligned_weight = torch.cat([self.aligned_weight, zeros])
-        self.aligned_bias = torch.cat([self.aligned_bias, self.aligned_bias.new_zeros(extra)])
+        self.aligned_weight = zero_rows_to(self.aligned_weight, info.total)
+        self.aligned_bias = zero_rows_to(self.aligned_bias, info.total)
 
     def train_session(self, session: SessionData) -> None:
         if self.freeze_batchnorm_stats:
@@ -133,18 +131,9 @@ class SLCA(Learner):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         head, known = self.heads[-1], self.known
-        groups = [{"params": list(head.parameters())}]
-        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
-        if backbone_params:
-            groups.insert(0, {"params": backbone_params})
-
-        def scaled(groups: ParamGroups) -> Optimizer:  # backbone lr scaled before the scheduler records it
-            opt = self.optimizer(groups)
-            if backbone_params:
-                opt.param_groups[0]["lr"] *= self.backbone_lr_scale
-            return opt
-
-        optimizer, scheduler = build_optimizer(groups, scaled, self.scheduler)
+        optimizer, scheduler = slow_backbone_optimizer(
+            self.backbone, head, self.optimizer, self.scheduler, self.backbone_lr_scale
+        )
 
         def loss_fn(batch: Batch) -> torch.Tensor:
             return F.cross_entropy(head(self.backbone(batch.images)), batch.labels - known)

@@ -139,3 +139,26 @@ def build_optimizer(
     trainable = [p for p in params.parameters() if p.requires_grad] if isinstance(params, nn.Module) else list(params)
     opt = optimizer(trainable)
     return opt, scheduler(opt) if scheduler is not None else None
+
+
+def slow_backbone_optimizer(
+    backbone: nn.Module,
+    head: nn.Module,
+    optimizer: OptimizerFactory,
+    scheduler: SchedulerFactory | None,
+    backbone_lr_scale: float,
+) -> tuple[Optimizer, LRScheduler | None]:
+    """``optimizer`` over two groups, the backbone's trainable parameters (if any) with the learning rate
+    scaled by ``backbone_lr_scale`` before the scheduler records it, then ``head``'s (SLCA's slow learner)."""
+    backbone_params = [p for p in backbone.parameters() if p.requires_grad]
+    groups = [{"params": list(head.parameters())}]
+    if backbone_params:
+        groups.insert(0, {"params": backbone_params})
+
+    def scaled(groups: ParamGroups) -> Optimizer:
+        opt = optimizer(groups)
+        if backbone_params:
+            opt.param_groups[0]["lr"] *= backbone_lr_scale
+        return opt
+
+    return build_optimizer(groups, scaled, scheduler)

@@ -82,6 +82,11 @@ def sample_gaussians(
     return samples.reshape(c * num_per_class, dim), labels
 
 
+def zero_rows_to(tensor: torch.Tensor, total: int) -> torch.Tensor:
+    """``tensor`` with zero rows (its dtype and device) appended up to ``total`` rows: a store's new classes."""
+    return torch.cat([tensor, tensor.new_zeros(total - tensor.shape[0], *tensor.shape[1:])])
+
+
 class ClassGaussians(nn.Module):
     """Growing store of per-class means and full covariances (float64 buffers, so in ``state_dict``).
 
@@ -105,12 +110,8 @@ class ClassGaussians(nn.Module):
         return self.means.shape[0]
 
     def grow(self, total: int) -> None:
-        extra = total - self.num_classes
-        if extra <= 0:
-            return
-        dev = self.means.device
-        self.means = torch.cat([self.means, torch.zeros(extra, self.dim, dtype=torch.float64, device=dev)])
-        self.covs = torch.cat([self.covs, torch.zeros(extra, self.dim, self.dim, dtype=torch.float64, device=dev)])
+        if total > self.num_classes:
+            self.means, self.covs = zero_rows_to(self.means, total), zero_rows_to(self.covs, total)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, classes: range) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pilot.modules.gaussian import class_statistics
+from pilot.modules.gaussian import class_statistics, zero_rows_to
 from pilot.modules.precision import float32_compute
 
 
@@ -141,12 +141,8 @@ class ClassMahalanobis(nn.Module):
         return self.centres.shape[0]
 
     def grow(self, total: int) -> None:
-        extra = total - self.num_classes
-        if extra <= 0:
-            return
-        dev = self.centres.device
-        self.centres = torch.cat([self.centres, torch.zeros(extra, self.dim, device=dev)])
-        self.precisions = torch.cat([self.precisions, torch.zeros(extra, self.dim, self.dim, device=dev)])
+        if total > self.num_classes:
+            self.centres, self.precisions = zero_rows_to(self.centres, total), zero_rows_to(self.precisions, total)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, classes: range) -> None:
