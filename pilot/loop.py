@@ -42,6 +42,7 @@ from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError, ResumeError
 from pilot.eval.evaluator import Evaluator
 from pilot.learners.base import Learner
+from pilot.modules.feature_store import FeatureSource
 from pilot.provenance import config_hash, data_hash, eval_protocol, make_provenance
 from pilot.rundir import (
     CHECKPOINT_FILE,
@@ -152,6 +153,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
     model = build_model(cfg, parts)
     learner, evaluator = model.learner, model.evaluator
     provenance["weights_hash"] = model.weights_hash
+    runtime.feature_source = FeatureSource.for_run(
+        cfg, runtime, provenance["data_hash"], model.weights_hash, model.pipeline.transforms
+    )
     provenance["eval_protocol"] = eval_protocol(learner.eval_protocol, scenario.shuffle_test)
     if checkpoint is not None:
         _check_same_inputs(checkpoint, provenance, run_dir)
@@ -176,6 +180,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
             progress.current = info.index
             runtime.on_epoch = epoch_hook(sinks, info.index)  # per-epoch loss and lr to the sinks
             record, matrix_rows = _run_session(model, info, runtime, history)
+            runtime.flush_feature_stores()  # features computed this session, for later runs (and hits/misses)
             history.append((record, matrix_rows))
             for sink in sinks:
                 sink.write(record, matrix_rows)
@@ -202,6 +207,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
         progress.current = None
     finally:
         runtime.on_epoch = None
+        runtime.flush_feature_stores()  # an interrupted session's features too
         summary = _final_summary(history)
         for sink in sinks:
             sink.close(summary)

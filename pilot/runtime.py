@@ -6,17 +6,26 @@ import contextlib
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from pilot import distributed
 from pilot.errors import ConfigError
-from pilot.schema import Device, NonNegativeInt, PositiveInt, Precision
+from pilot.schema import Device, NonNegativeInt, PositiveFloat, PositiveInt, Precision
+
+if TYPE_CHECKING:
+    from pilot.modules.feature_store import FeatureSource
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Flushable(Protocol):
+    """A cache whose new entries are saved by :meth:`flush` (:class:`pilot.modules.feature_store.FeatureStore`)."""
+
+    def flush(self) -> None: ...
 
 
 @dataclass
@@ -36,6 +45,11 @@ class Runtime:
     progress: bool = True
     cpu_inference_chunk: int | None = 32
     scale_batch: bool = False  # data-parallel runs: global batch = batch_size x ranks (default: batch_size)
+    feature_cache: bool = True
+    feature_cache_dir: str | None = None
+    feature_cache_gb: float = 20.0
+    feature_source: FeatureSource | None = field(default=None, repr=False, compare=False)
+    feature_stores: list[Flushable] = field(default_factory=list, repr=False, compare=False)
     # Set by the run loop for one session: called after every training epoch with (epoch, loss, lr).
     on_epoch: Callable[[int, float, float], None] | None = field(default=None, repr=False, compare=False)
 
@@ -89,6 +103,12 @@ class Runtime:
             mininterval=0.5,
         )
 
+    def flush_feature_stores(self) -> None:
+        """Save the features the registered stores computed since the last call, and log their hits
+        and misses (the run loop calls this after every session)."""
+        for store in self.feature_stores:
+            store.flush()
+
     def peak_memory_mb(self) -> float:
         """Peak memory allocated by torch on the device since the last reset (0 on a CPU)."""
         if not self.is_cuda:
@@ -111,6 +131,9 @@ def make_runtime(
     cpu_threads: PositiveInt | None = None,
     cpu_inference_chunk: PositiveInt | None = 32,
     scale_batch: bool = False,
+    feature_cache: bool = True,
+    feature_cache_dir: str | None = None,
+    feature_cache_gb: PositiveFloat = 20.0,
 ) -> Runtime:
     """Build a :class:`Runtime` from the ``runtime`` config; ``device=auto`` picks CUDA when present.
 
@@ -130,5 +153,16 @@ def make_runtime(
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     return Runtime(
-        dev, precision, tf32, num_workers, data_on_device, channels_last, progress, cpu_inference_chunk, scale_batch
+        dev,
+        precision,
+        tf32,
+        num_workers,
+        data_on_device,
+        channels_last,
+        progress,
+        cpu_inference_chunk,
+        scale_batch,
+        feature_cache=feature_cache,
+        feature_cache_dir=feature_cache_dir,
+        feature_cache_gb=float(feature_cache_gb),
     )

@@ -6,6 +6,10 @@ of that class's training images under the test transform (docs/methods.md §5).
     logit_c(x) = cos(f(x), mu_c),   mu_c = mean_{x in X_c} f(x)
 
 Prototypes never change once written, so the final accuracy does not depend on the split.
+
+The backbone's features of the prototype pass and of the test images go through a
+:class:`~pilot.modules.feature_store.FeatureStore`: with pretrained weights they are kept on disk
+(``runtime.feature_cache``), so the other seeds of a sweep read them instead of running the backbone.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.base import Learner
 from pilot.modules.classifiers import CosineLinear, class_means
-from pilot.modules.features import FeatureCache, extract_features
+from pilot.modules.feature_store import FeatureStore
+from pilot.modules.features import extract_features
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
 from pilot.schema import PositiveInt
@@ -41,7 +46,8 @@ class SimpleCIL(Learner):
         self.backbone.freeze()
         # Rows are written, never trained, and sigma stays 1 (docs/methods.md §0.5).
         self.head = CosineLinear(backbone.feature_dim, learn_sigma=False).requires_grad_(False)
-        self.features = FeatureCache()
+        # Test features in memory for the run, and on disk across runs when the weights are pretrained.
+        self.features = FeatureStore(runtime, "backbone/pooled")
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
@@ -49,7 +55,8 @@ class SimpleCIL(Learner):
 
     def end_session(self, session: SessionData) -> None:
         batches, desc = session.prototype_batches(self.batch_size), f"prototypes s{session.info.index}"
-        feats, labels = extract_features(self.backbone, batches, self.runtime, desc=desc)
+        cache = self.features if self.features.on_disk else None  # each training image passes once per run
+        feats, labels = extract_features(self.backbone, batches, self.runtime, desc=desc, cache=cache)
         self.head.assign(session.info.new_classes, class_means(feats, labels, session.info.new_classes))
 
     @torch.inference_mode()

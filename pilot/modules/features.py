@@ -80,6 +80,7 @@ class FeatureCache:
     Evaluation after session k revisits the test images of every earlier session; with a frozen
     network their features never change, so each is computed once per run. Augmented batches are
     never cached. The cache is not part of any checkpoint: a resumed run refills it.
+    :class:`pilot.modules.feature_store.FeatureStore` extends it to files shared across runs.
     """
 
     def __init__(self) -> None:
