@@ -138,6 +138,10 @@ def _cosine_annealing_lr(T_max: NonNegativeInt, eta_min: NonNegativeFloat = 0.0)
     and ``ca_epochs=0`` (SLCA without classifier alignment) never builds the scheduler."""
 
 
+def _constant_lr(factor: Annotated[float, Gt(0), Le(1)] = 1 / 3, total_iters: NonNegativeInt = 5) -> None:
+    """torch.optim.lr_scheduler.ConstantLR (DUCT: the reference's ``ConstantLR()``)."""
+
+
 def _image_transforms(
     size: PositiveInt,
     mean: ChannelMeans | None = None,
@@ -179,6 +183,7 @@ STAND_INS: dict[str, Callable[..., None]] = {
     "torch.optim.SGD": _sgd,
     "torch.optim.lr_scheduler.MultiStepLR": _multistep_lr,
     "torch.optim.lr_scheduler.CosineAnnealingLR": _cosine_annealing_lr,
+    "torch.optim.lr_scheduler.ConstantLR": _constant_lr,
     "pilot.data.transforms.ImageTransforms": _image_transforms,
     "pilot.backbones.efficientnet_lite0.create_efficientnet_lite0": _efficientnet_lite0,
     "pilot.sinks.csv.CsvSink": _csv_sink,
