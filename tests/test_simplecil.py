@@ -15,12 +15,19 @@ EMBEDDED = ["+method=simplecil", "experiment=quickstart", "logger=csv", "runtime
 
 
 @pytest.fixture(scope="module")
-def pretrained_b0inc2(tmp_path_factory) -> pd.DataFrame:
-    return run_config(EMBEDDED, tmp_path_factory.mktemp("pre") / "run")
+def feature_cache(tmp_path_factory) -> list[str]:
+    """One feature cache for the module's pretrained runs: the second split reads the first's features
+    (pilot/modules/feature_store.py), as a sweep would; the numbers do not change (tests/test_feature_store.py)."""
+    return [f"runtime.feature_cache_dir={tmp_path_factory.mktemp('feature_cache')}"]
 
 
-def test_final_accuracy_does_not_depend_on_the_split(pretrained_b0inc2, tmp_path):
-    b0inc5 = run_config(EMBEDDED + ["scenario=b0inc5"], tmp_path / "run")
+@pytest.fixture(scope="module")
+def pretrained_b0inc2(tmp_path_factory, feature_cache) -> pd.DataFrame:
+    return run_config(EMBEDDED + feature_cache, tmp_path_factory.mktemp("pre") / "run")
+
+
+def test_final_accuracy_does_not_depend_on_the_split(pretrained_b0inc2, feature_cache, tmp_path):
+    b0inc5 = run_config(EMBEDDED + feature_cache + ["scenario=b0inc5"], tmp_path / "run")
     assert len(pretrained_b0inc2) == 5 and len(b0inc5) == 2
     assert b0inc5["acc"].iloc[-1] == pytest.approx(pretrained_b0inc2["acc"].iloc[-1], abs=1e-9)
     assert b0inc5["acc_avg"].iloc[-1] != pytest.approx(pretrained_b0inc2["acc_avg"].iloc[-1], abs=0.01)
