@@ -39,24 +39,20 @@ Differences from the reference (docs: /work/notes/cofima_methods.md):
 from __future__ import annotations
 
 import contextlib
-from functools import partial
-from typing import Iterator, cast
+from typing import Any, Iterator, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import SGD
-from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.learners.slca import SLCA
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.merging import diagonal_fisher, fisher_weighted_average, flatten, interpolate, unflatten_
 from pilot.registry import register_learner
 from pilot.runtime import Runtime
-from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from pilot.schema import PositiveFloat, Probability
 
 
 @register_learner("cofima")
@@ -73,48 +69,13 @@ class CoFiMA(SLCA):
         scenario: Scenario,
         runtime: Runtime,
         *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(MultiStepLR, milestones=[18], gamma=0.1),
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 64,
-        backbone_lr_scale: NonNegativeFloat = 0.01,
         merge_weight: Probability = 0.4,
         fisher_weighting: bool = True,
         fisher_max: PositiveFloat = 1e-4,
         scale_new_head_by_fisher: bool = False,
-        ca_optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        ca_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=3),
-        ca_epochs: NonNegativeInt = 3,
-        ca_samples_per_class: PositiveInt = 256,
-        ca_batch_size: PositiveInt = 256,
-        ca_logit_norm: PositiveFloat | None = 0.1,
-        covariance_shrink: NonNegativeFloat = 1e-4,
-        reference_session_mapping: bool = False,
-        freeze_batchnorm_stats: bool = True,
-        stats_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
+        **base: Any,  # SLCA's parameters, same defaults (pilot/schema.py reads them from SLCA)
     ) -> None:
-        super().__init__(
-            backbone,
-            scenario,
-            runtime,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epochs=epochs,
-            batch_size=batch_size,
-            backbone_lr_scale=backbone_lr_scale,
-            ca_optimizer=ca_optimizer,
-            ca_scheduler=ca_scheduler,
-            ca_epochs=ca_epochs,
-            ca_samples_per_class=ca_samples_per_class,
-            ca_batch_size=ca_batch_size,
-            ca_logit_norm=ca_logit_norm,
-            covariance_shrink=covariance_shrink,
-            reference_session_mapping=reference_session_mapping,
-            freeze_batchnorm_stats=freeze_batchnorm_stats,
-            stats_batch_size=stats_batch_size,
-            eval_batch_size=eval_batch_size,
-        )
+        super().__init__(backbone, scenario, runtime, **base)
         self.merge_weight, self.fisher_weighting, self.fisher_max = merge_weight, fisher_weighting, fisher_max
         self.scale_new_head_by_fisher = scale_new_head_by_fisher
         size = sum(p.numel() for p in self.merged_parameters()) if fisher_weighting else 0
