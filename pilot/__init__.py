@@ -13,7 +13,7 @@ run loop itself is :func:`pilot.loop.run`.
 
 from __future__ import annotations
 
-from pilot.api import compose, run
+from pilot.api import compose, make_learner, run
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "compose", "run"]
+__all__ = ["__version__", "compose", "make_learner", "run"]

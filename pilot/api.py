@@ -16,6 +16,11 @@ directory gets the same files (``sessions.csv``, ``matrix.csv``, ``checkpoint.pt
 ``resume=true`` / ``overwrite=true`` work as on the command line. Progress is reported through the
 ``logging`` module (logger ``pilot``): ``logging.basicConfig(level=logging.INFO)`` shows a line per session.
 
+To build one learner by hand (a notebook, a test, a fidelity script), :func:`make_learner` takes the
+method's configured defaults and overrides some of them::
+
+    learner = pilot.make_learner("ease", backbone, scenario, runtime, epochs=1, adapter_dim=8)
+
 Importing this module is cheap: Hydra, torch and the learners load inside the functions.
 """
 
@@ -23,13 +28,18 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import pandas as pd
     from omegaconf import DictConfig
 
-__all__ = ["compose", "run", "default_run_dir"]
+    from pilot.backbones.backbone import Backbone
+    from pilot.data.scenario import Scenario
+    from pilot.learners.base import Learner
+    from pilot.runtime import Runtime
+
+__all__ = ["compose", "run", "make_learner", "default_run_dir"]
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -64,6 +74,27 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         cfg.labels = labels
     validate_config(cfg)
     return cfg
+
+
+def make_learner(
+    method: str,
+    backbone: Backbone,
+    scenario: Scenario,
+    runtime: Runtime,
+    *,
+    overrides: Sequence[str] = (),
+    **settings: Any,
+) -> Learner:
+    """Learner ``method`` (a registered name) on ``backbone``, ``scenario`` and ``runtime``, with the
+    settings of ``configs/method/<method>.yaml`` (composed with ``overrides``, e.g. ``["dataset=imagenet_r"]``
+    for that dataset's values) and then ``settings`` (flat ``method.*`` keys, Python values: factories,
+    lists...) over them."""
+    from pilot.config import build
+
+    cfg = compose([f"+method={method}", *_as_list(overrides)])
+    factory = build(cfg.method, _partial_=True)  # nested nodes (optimisers) built; the learner not yet
+    learner: Learner = factory.func.create(backbone, scenario, runtime, **{**factory.keywords, **settings})
+    return learner
 
 
 def run(

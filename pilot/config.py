@@ -20,7 +20,7 @@ from pilot.resources import shipped_dir
 
 CONFIG_DIR = shipped_dir("configs", "train.yaml")  # top-level configs/ in a checkout, pilot/configs in a wheel
 # Arguments the run loop passes to these config nodes itself (not set in YAML).
-INJECTED_ARGS = {"method": {"backbone", "scenario", "runtime"}, "scenario": {"num_classes"}}
+INJECTED_ARGS = {"method": {"setup"}, "scenario": {"num_classes"}}
 INSTANTIATED_GROUPS = ("dataset", "scenario", "backbone", "transforms", "runtime", "method")
 
 

@@ -41,7 +41,7 @@ from pilot.data.pipeline import TEST, VAL, DataPipeline
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError, ResumeError
 from pilot.eval.evaluator import Evaluator
-from pilot.learners.base import Learner
+from pilot.learners.base import Learner, build_learner
 from pilot.modules.feature_store import FeatureSource
 from pilot.provenance import config_hash, data_hash, eval_protocol, make_provenance
 from pilot.rundir import (
@@ -108,10 +108,7 @@ def build_model(cfg: DictConfig, parts: RunData) -> RunModel:
     # of one setting apart, so they are named instead.
     weights = weights_hash(backbone) if backbone.pretrained else RANDOM_INIT
     log.debug("weights_hash %s in %.2fs", weights, time.perf_counter() - start)
-    # A partial, then a plain call: instantiate() would turn dataclass arguments into DictConfigs.
-    learner: Learner = build(cfg.method, _partial_=True)(
-        backbone=backbone, scenario=parts.scenario, runtime=parts.runtime
-    )
+    learner = build_learner(cfg.method, backbone, parts.scenario, parts.runtime)
     learner.to(parts.runtime.device)
     if parts.runtime.channels_last:
         learner.to(memory_format=torch.channels_last)

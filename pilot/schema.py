@@ -17,8 +17,10 @@ against the parameters of ``L2P.__init__``:
 
 A new learner therefore gets its checks by annotating its constructor::
 
-    def __init__(self, backbone, scenario, runtime, optimizer: OptimizerFactory, epochs: PositiveInt = 10,
-                 mix: Probability = 0.5) -> None:
+    def __init__(self, setup: LearnerSetup, *, mix: Probability = 0.5, rounds: PositiveInt = 3) -> None:
+
+(``setup: LearnerSetup`` adds the training-loop settings, the fields of
+:class:`pilot.learners.base.Training`, as keys of the same node: see :data:`EXPANDED`).
 
 Signatures are read from the target's source file (:mod:`ast`), without importing it: importing a
 learner loads torch and timm, which takes seconds, and a config mistake should be answered at once.
@@ -281,6 +283,8 @@ def _signature_from_source(target: str) -> Signature | None:
         return None if found is None else _own_signature(found)
     base = _base_target(tree, module, found)
     init = next((n for n in found.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if init is None and _is_dataclass(found):
+        return _dataclass_signature(found)
     if init is None:
         return signature_of(base) if base is not None else None
     own = _own_signature(init)
@@ -295,12 +299,38 @@ def _own_signature(function: ast.FunctionDef) -> Signature:
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
     pairs = list(zip(positional, defaults)) + list(zip(args.kwonlyargs, args.kw_defaults))
-    params = {
-        arg.arg: Param(arg.arg, _evaluate(ast.unparse(arg.annotation)) if arg.annotation else Any, _literal(default))
-        for arg, default in pairs
-        if arg.arg not in ("self", "cls")
-    }
+    params: dict[str, Param] = {}
+    for arg, default in pairs:
+        if arg.arg in ("self", "cls"):
+            continue
+        annotation = ast.unparse(arg.annotation) if arg.annotation else None
+        params[arg.arg] = Param(arg.arg, _evaluate(annotation) if annotation else Any, _literal(default))
+        if annotation in EXPANDED:
+            params.update(signature_of(EXPANDED[annotation]).params)
     return Signature(params, open=args.kwarg is not None)
+
+
+EXPANDED = {"LearnerSetup": "pilot.learners.base.Training"}
+"""A parameter annotated with one of these names also takes, as flat keys of the same node, the fields
+of the named dataclass: a learner's ``setup: LearnerSetup`` brings the training-loop settings
+(``method.epochs``, ``method.optimizer``...), which :meth:`pilot.learners.base.Learner.create` sorts out."""
+
+
+def _is_dataclass(cls: ast.ClassDef) -> bool:
+    names = [ast.unparse(d.func if isinstance(d, ast.Call) else d) for d in cls.decorator_list]
+    return any(name in ("dataclass", "dataclasses.dataclass") for name in names)
+
+
+def _dataclass_signature(cls: ast.ClassDef) -> Signature:
+    """The ``__init__`` that ``@dataclass`` writes for ``cls``: its annotated fields, in order."""
+    fields = [n for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    return Signature(
+        {
+            f.target.id: Param(f.target.id, _evaluate(ast.unparse(f.annotation)), _literal(f.value))  # type: ignore[union-attr]
+            for f in fields
+            if not ast.unparse(f.annotation).startswith("ClassVar")
+        }
+    )
 
 
 def _base_target(tree: ast.Module, module: str, cls: ast.ClassDef) -> str | None:
@@ -364,6 +394,9 @@ def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
             is_open = True
         elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
             params[p.name] = Param(p.name, hints.get(p.name, Any), p.default)
+            expanded = EXPANDED.get(getattr(hints.get(p.name), "__name__", ""))
+            if expanded is not None:
+                params.update(signature_of(expanded).params)
     own = Signature(params, open=is_open)
     if not (is_open and isinstance(fn, type)):
         return own

@@ -665,13 +665,15 @@ def our_dualprompt(inputs: dict[str, Any], backbone: Any, reference_layout: bool
     from functools import partial
 
     from pilot.data.scenario import make_scenario
-    from pilot.learners.dualprompt import DualPrompt
     from pilot.runtime import Runtime
 
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
     adam = partial(torch.optim.Adam, lr=1e-3)
-    learner = DualPrompt(backbone, scenario, cpu, optimizer=adam, reference_prefix_layout=reference_layout)
+    from pilot.api import make_learner
+    learner = make_learner(
+        "dualprompt", backbone, scenario, cpu, optimizer=adam, reference_prefix_layout=reference_layout
+    )
     records, count = {}, 0
     for session in COMPARED_SESSIONS:
         info, labels = scenario.sessions[session], inputs["labels"][session]
@@ -739,12 +741,14 @@ def our_coda(inputs: dict[str, Any], backbone: Any) -> tuple[dict[str, Record], 
     from functools import partial
 
     from pilot.data.scenario import make_scenario
-    from pilot.learners.coda import CodaPrompt
     from pilot.runtime import Runtime
 
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-    learner = CodaPrompt(backbone, scenario, cpu, optimizer=partial(torch.optim.Adam, lr=1e-3), scheduler=None)
+    from pilot.api import make_learner
+    learner = make_learner(
+        "coda", backbone, scenario, cpu, optimizer=partial(torch.optim.Adam, lr=1e-3), scheduler=None
+    )
     records, gram_schmidt, count = {}, {}, 0
     for session in COMPARED_SESSIONS:
         info, labels, values = scenario.sessions[session], inputs["labels"][session], inputs["coda"][session]

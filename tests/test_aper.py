@@ -4,6 +4,8 @@ end to end with resume."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import timm
 import torch
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 from conftest import compose_config
 from omegaconf import OmegaConf
 from test_registry import TWO_SESSIONS, assert_resumes_identically, small_overrides
+from torch.optim import SGD
 
+from pilot.api import make_learner
 from pilot.backbones.adapters import AdapterSet, adapters_active
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.factory import create_timm_backbone
@@ -20,7 +24,7 @@ from pilot.data.pipeline import TEST, TRAIN, DataPipeline
 from pilot.data.scenario import make_scenario
 from pilot.data.transforms import ImageTransforms
 from pilot.errors import IncompatibleBackboneError
-from pilot.learners.aper import AperAdapter, AperFinetune, AperSSF, AperVPTDeep, AperVPTShallow
+from pilot.learners.aper import AperAdapter, AperSSF, AperVPTDeep, AperVPTShallow
 from pilot.modules.classifiers import class_means
 from pilot.modules.features import extract_features
 from pilot.runtime import make_runtime
@@ -61,7 +65,7 @@ def adapter_three_sessions():
     """APER-Adapter on the tiny ViT: the state before training, after session 0, after sessions 1 and 2."""
     torch.set_num_threads(2)
     runtime, scenario, pipeline = tiny_setup()
-    learner = AperAdapter(tiny_vit(), scenario, runtime, epochs=2, batch_size=16)
+    learner = make_learner("aper_adapter", tiny_vit(), scenario, runtime, epochs=2, batch_size=16)
     states = [snapshot(learner)]
     trainable = []
     for info in scenario.sessions:
@@ -122,7 +126,7 @@ def test_finetune_keeps_an_untouched_pretrained_branch():
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     backbone = tiny_vit()
     original = {k: v.clone() for k, v in backbone.state_dict().items()}
-    learner = AperFinetune(backbone, scenario, runtime, epochs=1, batch_size=16)
+    learner = make_learner("aper_finetune", backbone, scenario, runtime, epochs=1, batch_size=16)
     batch = next(iter(pipeline.batches(TEST, range(4), 8)))
     learner.eval()
     with torch.no_grad():  # a copy: both branches agree before training
@@ -154,7 +158,7 @@ def test_finetune_keeps_an_untouched_pretrained_branch():
 )
 def test_session_zero_trains_the_pet_and_the_head_only(cls, pet_params):
     runtime, scenario, _ = tiny_setup()
-    learner = cls(tiny_vit(), scenario, runtime)
+    learner = cls.create(tiny_vit(), scenario, runtime, optimizer=partial(SGD, lr=0.01))
     learner.begin_session(scenario.sessions[0])
     trainable = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     assert trainable == pet_params + 2 * D + 1
@@ -173,8 +177,8 @@ def test_pets_refuse_a_cnn_and_finetune_accepts_one():
     )
     for cls in (AperAdapter, AperSSF, AperVPTShallow, AperVPTDeep):
         with pytest.raises(IncompatibleBackboneError):
-            cls(resnet, scenario, runtime)
-    learner = AperFinetune(resnet, scenario, runtime, epochs=1, batch_size=32)
+            cls.create(resnet, scenario, runtime, optimizer=partial(SGD, lr=0.01))
+    learner = make_learner("aper_finetune", resnet, scenario, runtime, epochs=1, batch_size=32)
     fit(learner, pipeline, scenario.sessions[0])
     assert learner.head.weight.shape == (2, 2 * 512)
     assert not learner.tuned_backbone.training  # frozen in eval mode after session 0 (BatchNorm fixed)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from test_ease_slca import fit, tiny_setup, tiny_vit
 from test_registry import TWO_SESSIONS, assert_resumes_identically, small_overrides
 
+from pilot.api import make_learner
 from pilot.data.pipeline import TEST
 from pilot.learners import slca as slca_module
-from pilot.learners.cofima import CoFiMA
 from pilot.modules.merging import diagonal_fisher, fisher_weighted_average, flatten, interpolate
 
 
@@ -68,7 +68,7 @@ def test_diagonal_fisher_of_a_linear_softmax_model_by_hand():
 # ---------------------------------------------------------------------------------- learner
 def test_fisher_of_the_learner_is_over_all_seen_classes_and_every_head():
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
-    learner = CoFiMA(tiny_vit(), scenario, runtime, epochs=1, batch_size=16, ca_epochs=0)
+    learner = make_learner("cofima", tiny_vit(), scenario, runtime, epochs=1, batch_size=16, ca_epochs=0)
     fit(learner, pipeline, scenario.sessions[0])
     learner.begin_session(scenario.sessions[1])  # two heads: session 0's (frozen) and a new one
     session = pipeline.session(scenario.sessions[1])
@@ -98,7 +98,8 @@ def test_fisher_of_the_learner_is_over_all_seen_classes_and_every_head():
 @pytest.mark.parametrize("fisher_weighting, scale_new_head", [(True, False), (True, True), (False, False)])
 def test_session_1_merges_backbone_and_heads_and_aligns_from_the_merge(monkeypatch, fisher_weighting, scale_new_head):
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
-    learner = CoFiMA(
+    learner = make_learner(
+        "cofima",
         tiny_vit(),
         scenario,
         runtime,

@@ -18,8 +18,9 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from pilot import schema
-from pilot.config import INJECTED_ARGS, available_options, build, validate_config
+from pilot.config import INJECTED_ARGS, available_options, validate_config
 from pilot.errors import ConfigError
+from pilot.learners.base import TRAINING_KEYS, Learner, build_learner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,6 @@ BAD = [
     (["+method=ease", "method.adapter_dropout=1.5"], "method.adapter_dropout", "1.5"),
     (["+method=ease", "method.sets_per_pass=0"], "method.sets_per_pass", "0"),
     (["+method=l2p", "method.optimizer=adam"], "method.optimizer", "adam"),
-    (["+method=l2p", "method.optimizer=null"], "method.optimizer", "null"),
     # runtime
     (["+method=simplecil", "runtime.device=gpu"], "runtime.device", "gpu"),
     (["+method=simplecil", "runtime.device=cuda:x"], "runtime.device", "cuda:x"),
@@ -126,7 +126,7 @@ def test_bad_value_is_refused_with_key_value_and_what_is_allowed(overrides, key,
 def test_message_gives_the_range_and_an_example():
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(["+method=l2p", "method.epochs=0"]))
-    assert str(err.value) == "method.epochs=0 is not allowed: it must be an integer >= 1 (e.g. method.epochs=5)."
+    assert str(err.value) == "method.epochs=0 is not allowed: it must be an integer >= 1 (e.g. method.epochs=1)."
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(["+method=simplecil", "runtime.precision=fp16"]))
     assert str(err.value) == "runtime.precision=fp16 is not allowed: it must be one of bf16, fp32."
@@ -143,7 +143,7 @@ def test_message_gives_the_range_and_an_example():
         # a typo in a nested torch node: the stand-in does not list it, so the real signature decides
         (["+method=l2p", "+method.optimizer.lrr=0.1"], "method.optimizer.lrr is not a parameter of torch.optim.Adam"),
         (["+method=l2p", "method.optimizer._target_=torch.optim.Adamm"], "method.optimizer._target_=torch.optim.Adamm"),
-        (["+method=simplecil", "+method.backbone=x"], "method.backbone is passed by the run itself"),
+        (["+method=simplecil", "+method.setup=x"], "method.setup is passed by the run itself"),
         (["+method=slca", "~method.scheduler.milestones", "method.scheduler._partial_=false"], "milestones is not set"),
     ],
 )
@@ -223,27 +223,49 @@ def _yaml_node(node):
 @pytest.mark.parametrize("group, option", [("method", m) for m in METHODS] + [("runtime", "default")])
 def test_python_defaults_equal_the_yaml_for_cifar100(group, option):
     """The YAML is the one place a default is set; the Python defaults (for direct calls, e.g. in tests)
-    must say the same for CIFAR-100, the dataset they are written for, and the YAML lists every parameter."""
+    must say the same for CIFAR-100, the dataset they are written for, and the YAML lists every parameter.
+    The training-loop settings (:class:`Training`) have no per-learner Python default: the YAML sets them."""
     method = option if group == "method" else "simplecil"
     node = OmegaConf.to_container(compose_config([f"+method={method}", "dataset=cifar100"])[group], resolve=True)
     parameters = _parameters(get_object(node["_target_"]))
     for name, parameter in parameters.items():
-        if name in INJECTED_ARGS.get(group, ()):
+        if name in INJECTED_ARGS.get(group, ()) or (group == "method" and name in TRAINING_KEYS):
             continue
         assert name in node, f"configs/{group}/{option}.yaml does not set {name}"
         if parameter.default is not inspect.Parameter.empty:
             assert _as_config(parameter.default) == _yaml_node(node[name]), f"{group}.{name}: Python and YAML differ"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_yaml_sets_the_training_settings_a_learner_uses(method):
+    """A learner that trains gets its optimiser, epochs and batch sizes from its YAML; one that does not
+    (SimpleCIL) sets only the batch sizes, and an optimiser there would be an unused setting."""
+    node = OmegaConf.to_container(compose_config([f"+method={method}", "dataset=cifar100"]).method, resolve=True)
+    cls = get_object(node["_target_"])
+    trains = cls.train_session is not Learner.train_session
+    expected = TRAINING_KEYS if trains else {"batch_size", "eval_batch_size"}
+    assert expected <= set(node), f"configs/method/{method}.yaml lacks {sorted(expected - set(node))}"
+    assert trains or not ({"optimizer", "scheduler", "epochs"} & set(node))
+
+
+def test_a_learner_that_trains_refuses_a_missing_optimizer():
+    backbone, scenario, runtime, _ = _tiny_parts()
+    cfg = validated(["+method=l2p", "method.optimizer=null"])  # null is a valid value for the schema...
+    with pytest.raises(ConfigError, match=r"method\.optimizer is not set, but L2P trains"):
+        build_learner(cfg.method, backbone, scenario, runtime)  # ...the learner refuses it before it is built
+    cfg = validated(["+method=simplecil", "+method.optimizer={_target_: torch.optim.SGD, _partial_: true, lr: 0.1}"])
+    with pytest.raises(ConfigError, match=r"SimpleCIL does not train.*remove method\.optimizer"):
+        build_learner(cfg.method, backbone, scenario, runtime)
+
+
 def test_slca_and_ease_defaults_are_the_yaml_schedules():
     from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
-    from pilot.learners.ease import EASE
-    from pilot.learners.slca import SLCA
-
-    slca = _parameters(SLCA)
-    assert slca["scheduler"].default.func is MultiStepLR and slca["ca_scheduler"].default.func is CosineAnnealingLR
-    assert _parameters(EASE)["scheduler"].default.func is CosineAnnealingLR
+    slca = OmegaConf.to_container(compose_config(["+method=slca", "dataset=cifar100"]).method)
+    ease = OmegaConf.to_container(compose_config(["+method=ease", "dataset=cifar100"]).method)
+    assert get_object(slca["scheduler"]["_target_"]) is MultiStepLR
+    assert get_object(slca["ca_scheduler"]["_target_"]) is CosineAnnealingLR
+    assert get_object(ease["scheduler"]["_target_"]) is CosineAnnealingLR
 
 
 def _tiny_parts(num_classes: int = 4):
@@ -275,7 +297,7 @@ def test_slca_scheduler_null_keeps_the_learning_rate_constant(monkeypatch, sched
     overrides.append("method.scheduler=null" if scheduler == "null" else f"method.scheduler.milestones={scheduler}")
     cfg = validated(overrides)
     backbone, scenario, runtime, pipeline = _tiny_parts()
-    learner = build(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
+    learner = build_learner(cfg.method, backbone, scenario, runtime)
     assert (learner.scheduler is None) == constant
 
     lrs = []
@@ -296,7 +318,7 @@ def test_ease_scheduler_null_is_no_scheduler():
     cfg = validated(["+method=ease", "method.scheduler=null"])
     assert OmegaConf.to_container(cfg.method)["scheduler"] is None
     backbone, scenario, runtime, _ = _tiny_parts()
-    assert build(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime).scheduler is None
+    assert build_learner(cfg.method, backbone, scenario, runtime).scheduler is None
 
 
 # ---------------------------------------------------------------------- how signatures are read
@@ -446,6 +468,6 @@ def test_entry_point_prints_one_line_and_exits_2(tmp_path):
     )
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    expected = "method.epochs=0 is not allowed: it must be an integer >= 1 (e.g. method.epochs=5)."
+    expected = "method.epochs=0 is not allowed: it must be an integer >= 1 (e.g. method.epochs=1)."
     assert lines[-1] == f"ConfigError: {expected}"
     assert "Traceback" not in out.stderr

@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAST, compose_config
-from hydra.utils import instantiate
 from test_prompt_learners import ADAM, CPU, _tiny_backbone
 
+from pilot.api import make_learner
 from pilot.data.pipeline import Batch
 from pilot.data.scenario import make_scenario
+from pilot.learners.base import build_learner
 from pilot.learners.dualprompt import DualPrompt, reference_e_layout
 
 SCENARIO = make_scenario(6, 2, 2)
@@ -24,7 +25,9 @@ SCENARIO = make_scenario(6, 2, 2)
 
 def _learner(reference: bool, **kwargs) -> DualPrompt:
     """A DualPrompt on the tiny random ViT; the same seed gives the same weights in both modes."""
-    learner = DualPrompt(_tiny_backbone(), SCENARIO, CPU, optimizer=ADAM, reference_prefix_layout=reference, **kwargs)
+    learner = make_learner(
+        "dualprompt", _tiny_backbone(), SCENARIO, CPU, optimizer=ADAM, reference_prefix_layout=reference, **kwargs
+    )
     learner.begin_session(SCENARIO.sessions[0])
     return learner.eval()
 
@@ -192,5 +195,5 @@ def test_config_default_is_the_papers_layout(tmp_path):
     cfg = compose_config(FAST + ["+method=dualprompt"], tmp_path)
     assert cfg.method.reference_prefix_layout is False
     cfg = compose_config(FAST + ["+method=dualprompt", "method.reference_prefix_layout=true"], tmp_path)
-    learner = instantiate(cfg.method, _partial_=True)(backbone=_tiny_backbone(), scenario=SCENARIO, runtime=CPU)
+    learner = build_learner(cfg.method, _tiny_backbone(), SCENARIO, CPU)
     assert learner.reference_prefix_layout is True

@@ -9,9 +9,9 @@ import torch
 from test_ease_slca import fit, tiny_resnet, tiny_setup, tiny_vit
 from test_registry import TWO_SESSIONS, assert_resumes_identically, small_overrides
 
+from pilot.api import make_learner
 from pilot.data.pipeline import TEST, TRAIN
 from pilot.learners import duct as duct_module
-from pilot.learners.duct import DUCT
 from pilot.modules.classifiers import class_means
 from pilot.modules.features import extract_features
 from pilot.modules.merging import add_task_vector, flatten, floating_state, sinkhorn, transport_classifier
@@ -80,7 +80,7 @@ def test_transport_classifier_mixes_in_the_transported_new_rows():
 # ---------------------------------------------------------------------------------- learner
 def test_sessions_fine_tune_the_pretrained_model_and_merge_task_vectors(monkeypatch):
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
-    learner = DUCT(tiny_vit(), scenario, runtime, epochs=1, batch_size=16, retrain_epochs=1)
+    learner = make_learner("duct", tiny_vit(), scenario, runtime, epochs=1, batch_size=16, retrain_epochs=1)
     pretrained = flatten(floating_state(learner.backbone))
     seen: dict = {"start": [], "trained": [], "s": [], "before_transport": None}
     lrs: list = []
@@ -136,7 +136,9 @@ def test_sessions_fine_tune_the_pretrained_model_and_merge_task_vectors(monkeypa
 def test_zero_rows_explode_on_the_first_cosine_step(init, exploded):
     """The reference's zero rows get a 1/eps = 1e12 gradient through the normalisation of the cosine classifier."""
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
-    learner = DUCT(tiny_vit(), scenario, runtime, epochs=1, batch_size=16, retrain_epochs=1, new_row_init=init)
+    learner = make_learner(
+        "duct", tiny_vit(), scenario, runtime, epochs=1, batch_size=16, retrain_epochs=1, new_row_init=init
+    )
     fit(learner, pipeline, scenario.sessions[0])
     norms_before = learner.head.weight[:2].norm(dim=1).max()
     learner.similarity_scaled_merge = False
@@ -149,7 +151,7 @@ def test_a_cnn_merges_its_batchnorm_statistics_as_task_vectors(monkeypatch):
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     torch.manual_seed(0)
     resnet = tiny_resnet()
-    learner = DUCT(resnet, scenario, runtime, epochs=1, batch_size=32, retrain_epochs=1)
+    learner = make_learner("duct", resnet, scenario, runtime, epochs=1, batch_size=32, retrain_epochs=1)
     bn = resnet.model.bn1
     pretrained_mean = bn.running_mean.clone()
     seen = []

@@ -14,6 +14,7 @@ from conftest import run_config
 from torch.optim import SGD
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
+from pilot.api import make_learner
 from pilot.backbones.adapters import multi_adapter_features
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.factory import create_timm_backbone
@@ -23,8 +24,8 @@ from pilot.data.scenario import make_scenario
 from pilot.data.transforms import ImageTransforms
 from pilot.errors import IncompatibleBackboneError
 from pilot.learners import slca as slca_module
-from pilot.learners.ease import EASE, complement_prototypes, ensemble_logits
-from pilot.learners.slca import SLCA, mean_scale_sessions
+from pilot.learners.ease import complement_prototypes, ensemble_logits
+from pilot.learners.slca import mean_scale_sessions
 from pilot.modules.alignment import align_classifier, mean_scale, session_normalized_logits
 from pilot.modules.classifiers import class_means
 from pilot.modules.features import extract_features
@@ -113,7 +114,7 @@ def ease_three_sessions():
     """EASE on the tiny ViT after three sessions of two classes (one epoch each)."""
     torch.set_num_threads(2)
     runtime, scenario, pipeline = tiny_setup()
-    learner = EASE(tiny_vit(), scenario, runtime, epochs=1, batch_size=16)
+    learner = make_learner("ease", tiny_vit(), scenario, runtime, epochs=1, batch_size=16)
     for info in scenario.sessions:
         fit(learner, pipeline, info)
     return learner, scenario, pipeline, runtime
@@ -172,7 +173,7 @@ def test_ease_checkpoint_restores_every_adapter_set(ease_three_sessions):
     state = learner.state_dict()
     assert not any(k.startswith("backbone.") for k in state)  # frozen backbone left out
     assert {k.split(".")[1] for k in state if k.startswith("adapters.")} == {"0", "1", "2"}
-    fresh = EASE(tiny_vit(), scenario, runtime, epochs=1, batch_size=16)
+    fresh = make_learner("ease", tiny_vit(), scenario, runtime, epochs=1, batch_size=16)
     fresh.restore(state, 3)
     fresh.eval()
     assert all(s.frozen for s in fresh.adapters)
@@ -190,7 +191,7 @@ def test_ease_on_vit_b16_trains_one_adapter_set_and_refuses_a_cnn():
         None,
         pretrained=False,
     )
-    learner = EASE(vit_b, scenario, runtime)
+    learner = make_learner("ease", vit_b, scenario, runtime)
     per_set = 12 * (768 * 64 + 64 + 64 * 768 + 768)
     assert per_set == 1_189_632  # docs/methods.md §4.1: "≈1.19 M params per session"
     for info in scenario.sessions:
@@ -206,7 +207,7 @@ def test_ease_on_vit_b16_trains_one_adapter_set_and_refuses_a_cnn():
         timm.create_model("resnet18", pretrained=False, num_classes=0), "resnet18", 32, None, None, pretrained=False
     )
     with pytest.raises(IncompatibleBackboneError, match="ResNet"):
-        EASE(resnet, scenario, runtime)
+        make_learner("ease", resnet, scenario, runtime)
 
 
 # -------------------------------------------------------------------- Gaussians, alignment
@@ -308,7 +309,7 @@ def test_alignment_corrects_a_head_biased_towards_the_newest_session():
 # ------------------------------------------------------------------------------- SLCA
 def test_slca_stage1_freezes_old_heads_and_evaluates_with_aligned_copies(monkeypatch):
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
-    learner = SLCA(tiny_vit(), scenario, runtime, epochs=1, batch_size=16)
+    learner = make_learner("slca", tiny_vit(), scenario, runtime, epochs=1, batch_size=16)
     seen = []
     original = slca_module.train_epochs
 
@@ -351,7 +352,7 @@ def test_slca_stage1_freezes_old_heads_and_evaluates_with_aligned_copies(monkeyp
     # A checkpoint (unfrozen backbone: saved in full) restores the same predictions.
     state = learner.state_dict()
     assert any(k.startswith("backbone.") for k in state) and "stats.covs" in state
-    fresh = SLCA(tiny_vit(seed=1), scenario, runtime)
+    fresh = make_learner("slca", tiny_vit(seed=1), scenario, runtime)
     fresh.restore(state, 2)
     fresh.eval()
     assert torch.equal(fresh.predict(batch), learner.predict(batch))
@@ -373,7 +374,7 @@ def test_slca_runs_on_a_cnn_with_batchnorm_in_train_mode():
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     torch.manual_seed(0)
     resnet = tiny_resnet()
-    learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=False)
+    learner = make_learner("slca", resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=False)
     bn = resnet.model.bn1
     running = bn.running_mean.clone()
     fit(learner, pipeline, scenario.sessions[0])
@@ -392,7 +393,7 @@ def test_slca_can_keep_batchnorm_statistics_fixed():
     runtime, scenario, pipeline = tiny_setup(num_classes=4)
     torch.manual_seed(0)
     resnet = tiny_resnet()
-    learner = SLCA(resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=True)
+    learner = make_learner("slca", resnet, scenario, runtime, epochs=1, batch_size=32, freeze_batchnorm_stats=True)
     bn = resnet.model.bn1
     running, weight = bn.running_mean.clone(), bn.weight.detach().clone()
     fit(learner, pipeline, scenario.sessions[0])

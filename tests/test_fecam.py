@@ -12,13 +12,13 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from test_registry import TWO_SESSIONS, assert_resumes_identically, small_overrides
 
+from pilot.api import make_learner
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.factory import create_timm_backbone
 from pilot.data.datasets import synthetic
 from pilot.data.pipeline import TEST, TRAIN, DataPipeline
 from pilot.data.scenario import make_scenario
 from pilot.data.transforms import ImageTransforms
-from pilot.learners.fecam import FeCAM
 from pilot.modules.features import extract_features
 from pilot.modules.mahalanobis import ClassMahalanobis, row_correlation, shrink_scaled
 
@@ -113,7 +113,7 @@ def test_learner_logits_are_minus_the_direct_mahalanobis_distances(covariance):
     runtime = make_runtime_cpu()
     scenario = make_scenario(6, 2, 2)
     pipeline = DataPipeline(synthetic(num_classes=6, train_per_class=40), scenario, ImageTransforms(32), runtime)
-    learner = FeCAM(tiny_vit(), scenario, runtime, epochs=1, batch_size=16, covariance=covariance)
+    learner = make_learner("fecam", tiny_vit(), scenario, runtime, epochs=1, batch_size=16, covariance=covariance)
     for info in scenario.sessions:
         learner.train()
         learner.fit(pipeline.session(info))

@@ -14,12 +14,12 @@ from conftest import FAST, compose_config
 from omegaconf import OmegaConf
 from test_registry import TWO_SESSIONS, assert_resumes_identically, small_overrides
 
+from pilot.api import make_learner
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.lae_pet import (
     CompensatedPrefix,
     KVLoRA,
     ParallelAdapter,
-    compensated_prefix_attention,
     pets_attached,
 )
 from pilot.backbones.prompted_vit import prefix_attention
@@ -43,7 +43,7 @@ def _tiny_backbone() -> Backbone:
 
 def _learner(**kwargs) -> LAE:
     scenario = make_scenario(6, 2, 2, class_order="natural")
-    return LAE(_tiny_backbone(), scenario, CPU, optimizer=kwargs.pop("optimizer", ADAM), **kwargs)
+    return make_learner("lae", _tiny_backbone(), scenario, CPU, optimizer=kwargs.pop("optimizer", ADAM), **kwargs)
 
 
 def _session(learner: LAE, index: int, batches: int = 2, size: int = 4) -> SimpleNamespace:
@@ -88,10 +88,10 @@ def test_compensated_prefix_attention_is_the_closed_form():
     lam = s_p.exp().sum(-1, keepdim=True) / (s_p.exp().sum(-1, keepdim=True) + s_k.exp().sum(-1, keepdim=True))
     mixed = s_p.softmax(-1) @ heads(pv) + (1 - lam) * (s_k.softmax(-1) @ v)
     expected = attn.proj(mixed.transpose(1, 2).reshape(2, 5, 48))
-    torch.testing.assert_close(compensated_prefix_attention(attn, x, pk, pv), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prefix_attention(attn, x, pk, pv, compensate=True), expected, rtol=1e-5, atol=1e-6)
     assert 0.05 < float(lam.min()) and float(lam.max()) < 0.95  # both terms matter in this example
     # Through a block: compensated or plain prefix attention, by the module's switch; undone on exit.
-    for compensate, attention in ((True, compensated_prefix_attention), (False, prefix_attention)):
+    for compensate, attention in ((True, partial(prefix_attention, compensate=True)), (False, prefix_attention)):
         prefix = CompensatedPrefix(48, length=4, compensate=compensate)
         undo = prefix.attach(block)
         keys, values = prefix.prefixes()
@@ -139,7 +139,7 @@ def test_trainable_parameters_on_vit_b16_match_the_reference():
     scenario, head = make_scenario(100, 10, 10), 768 * 100 + 100
     # 5 blocks x: prefix 2 x (10 x 768 + 1); adapter 768 x 5 + 5 + 5 x 768 + 768 + 1; LoRA 2 x (2 x 5 x 768) + 2
     for pet, per_block in (("prefix", 15_362), ("adapter", 8_454), ("lora", 15_362)):
-        learner = LAE(backbone, scenario, CPU, optimizer=ADAM, pet=pet)
+        learner = make_learner("lae", backbone, scenario, CPU, optimizer=ADAM, pet=pet)
         assert sum(p.numel() for p in learner.parameters() if p.requires_grad) == 5 * per_block + head, pet
         assert sum(p.numel() for p in learner.offline.parameters()) == 5 * per_block
         assert not any(p.requires_grad for p in learner.offline.parameters())

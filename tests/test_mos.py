@@ -19,6 +19,7 @@ from test_registry import TWO_SESSIONS, assert_resumes_identically, small_overri
 from torch.optim import SGD
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from pilot.api import make_learner
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import TEST, Batch
 from pilot.errors import ConfigError
@@ -128,8 +129,9 @@ def test_one_training_step_then_the_merge_toward_the_mean_of_earlier_snapshots(d
     drift A_step = A. With drift block l's adapter runs after l + 1 merges of A (g is taken there) and
     A_step = A after D merges (the reference merges every block's adapter before each block). S_2 = A'."""
     runtime, scenario, pipeline = tiny_setup(num_classes=6)
-    learner = MOS(tiny_vit(), scenario, runtime, optimizer=partial(SGD, lr=0.5), scheduler=None, epochs=1,
-                  batch_size=4, adapter_dropout=0.0, adapter_drift=drift)  # fmt: skip
+    sgd = partial(SGD, lr=0.5)
+    learner = make_learner("mos", tiny_vit(), scenario, runtime, optimizer=sgd, scheduler=None, epochs=1,
+                           batch_size=4, adapter_dropout=0.0, adapter_drift=drift)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     for t in range(2):
         learner.begin_session(scenario.sessions[t])
@@ -184,7 +186,7 @@ def mos_three_sessions():
     torch.set_num_threads(2)
     runtime, scenario, pipeline = tiny_setup()
     torch.manual_seed(0)
-    learner = MOS(tiny_vit(), scenario, runtime, epochs=1, ca_epochs=1, batch_size=8)
+    learner = make_learner("mos", tiny_vit(), scenario, runtime, epochs=1, ca_epochs=1, batch_size=8)
     for info in scenario.sessions:
         fit(learner, pipeline, info)
     return learner, scenario, pipeline
@@ -268,7 +270,10 @@ def test_checkpoint_holds_every_snapshot_and_restores_the_scores(mos_three_sessi
     assert {k.split(".")[1] for k in state if k.startswith("adapters.")} == {"0", "1", "2"}
     assert state["history.sums"].shape == (3, flat_parameters(learner.current).numel())
     assert state["head.weight"].shape == (6, 48) and state["stats.covs"].shape == (6, 48, 48)
-    a, b = copy.deepcopy(learner), MOS(tiny_vit(), scenario, learner.runtime, epochs=1, ca_epochs=1, batch_size=8)
+    a, b = (
+        copy.deepcopy(learner),
+        make_learner("mos", tiny_vit(), scenario, learner.runtime, epochs=1, ca_epochs=1, batch_size=8),
+    )
     b.restore(copy.deepcopy(state), 3)
     b.eval()
     assert not any(p.requires_grad for p in b.adapters.parameters())
@@ -285,7 +290,7 @@ def test_configuration_checks_and_vit_b16_parameter_counts(tmp_path):
     runtime, scenario, _ = tiny_setup(num_classes=100, init_cls=5, increment=5)
     torch.manual_seed(0)
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    learner = MOS(Backbone(vit, "vit_b16", 224, None, None, pretrained=False), scenario, runtime)
+    learner = make_learner("mos", Backbone(vit, "vit_b16", 224, None, None, pretrained=False), scenario, runtime)
     assert learner.eval_batch_size == 96  # 128 rounded down to whole reference test batches of 48
     per_set = 12 * (768 * 16 + 16 + 16 * 768 + 768)  # AdaptFormer r = 16 on ViT-B/16
     for info in scenario.sessions[:2]:

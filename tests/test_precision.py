@@ -19,9 +19,9 @@ from test_ease_slca import fit, tiny_setup, tiny_vit
 from torch import nn
 from torch.optim import SGD
 
+from pilot.api import make_learner
 from pilot.data.pipeline import TEST
 from pilot.learners.ease import complement_prototypes, ensemble_logits
-from pilot.learners.slca import SLCA
 from pilot.modules.alignment import align_classifier, session_normalized_logits
 from pilot.modules.classifiers import CosineLinear, class_means, linear_head
 from pilot.modules.features import extract_features
@@ -174,7 +174,7 @@ def test_slca_statistics_pass_runs_in_fp32_in_a_bf16_run(bf16_on_cpu):
     for precision in ("bf16", "fp32"):
         runtime, scenario, pipeline = tiny_setup(num_classes=4)
         runtime.precision = precision
-        learner = SLCA(tiny_vit(), scenario, runtime, epochs=0, ca_epochs=0)
+        learner = make_learner("slca", tiny_vit(), scenario, runtime, epochs=0, ca_epochs=0)
         fit(learner, pipeline, scenario.sessions[0])
         logits = learner.predict(next(iter(pipeline.batches(TEST, range(2), 8))))
         stats[precision] = (learner.stats.means.clone(), learner.stats.covs.clone(), logits)

@@ -15,6 +15,7 @@ import torch
 from conftest import FAST, compose_config, run_config
 from PIL import Image
 
+from pilot.api import make_learner
 from pilot.backbones.factory import create_timm_backbone
 from pilot.config import build
 from pilot.data import datasets
@@ -384,20 +385,18 @@ def adam(params):
 
 
 def test_learners_built_in_code_are_checked_before_they_allocate(tiny_backbone):
-    from pilot.learners.coda import CodaPrompt
-    from pilot.learners.l2p import L2P
 
     runtime, scenario = make_runtime(device="cpu"), make_scenario(10, 2, 2)
     with pytest.raises(ConfigError, match="method.prompt_length=5 must be even"):
-        CodaPrompt(tiny_backbone, scenario, runtime, optimizer=adam, scheduler=None, prompt_length=5)
+        make_learner("coda", tiny_backbone, scenario, runtime, optimizer=adam, scheduler=None, prompt_length=5)
     with pytest.raises(ConfigError, match="method.top_k=3 must be between 1 and method.pool_size=2"):
-        L2P(tiny_backbone, scenario, runtime, optimizer=adam, pool_size=2, top_k=3)
+        make_learner("l2p", tiny_backbone, scenario, runtime, optimizer=adam, pool_size=2, top_k=3)
 
 
 def test_dualprompt_short_pool_without_task_forced_prompts_is_accepted(tiny_backbone):
-    from pilot.learners.dualprompt import DualPrompt
 
-    learner = DualPrompt(
+    learner = make_learner(
+        "dualprompt",
         tiny_backbone,
         make_scenario(10, 2, 2),
         make_runtime(device="cpu"),

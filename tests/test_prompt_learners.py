@@ -16,11 +16,13 @@ from conftest import FAST, compose_config, run_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from pilot.api import make_learner
 from pilot.backbones.backbone import Backbone
 from pilot.checkpoint import seed_everything
 from pilot.data.pipeline import TEST, Batch, DataPipeline
 from pilot.data.scenario import make_scenario
 from pilot.errors import ConfigError, IncompatibleBackboneError
+from pilot.learners.base import build_learner
 from pilot.learners.coda import CodaPrompt
 from pilot.learners.dualprompt import DualPrompt
 from pilot.learners.l2p import L2P
@@ -183,7 +185,7 @@ def _tiny_backbone() -> Backbone:
 
 def test_dualprompt_copies_the_previous_e_prompt_and_forces_the_task_prompt(caplog):
     scenario = make_scenario(6, 2, 2)
-    learner = DualPrompt(_tiny_backbone(), scenario, CPU, optimizer=ADAM)
+    learner = make_learner("dualprompt", _tiny_backbone(), scenario, CPU, optimizer=ADAM)
     learner.begin_session(scenario.sessions[0])
     with torch.no_grad():
         learner.e_pool.prompts[0] = 7.0
@@ -201,16 +203,18 @@ def test_dualprompt_copies_the_previous_e_prompt_and_forces_the_task_prompt(capl
     # A pool smaller than the number of sessions: refused, unless the reference's fallback is asked for,
     # which then warns and says what happens.
     with pytest.raises(ConfigError, match="allow_short_pool=true"):
-        DualPrompt(_tiny_backbone(), make_scenario(12, 1, 1), CPU, optimizer=ADAM)
+        make_learner("dualprompt", _tiny_backbone(), make_scenario(12, 1, 1), CPU, optimizer=ADAM)
     with caplog.at_level(logging.WARNING):
-        small = DualPrompt(_tiny_backbone(), make_scenario(12, 1, 1), CPU, optimizer=ADAM, allow_short_pool=True)
+        small = make_learner(
+            "dualprompt", _tiny_backbone(), make_scenario(12, 1, 1), CPU, optimizer=ADAM, allow_short_pool=True
+        )
     assert "task slots for 10 sessions, but the scenario has 12" in caplog.text and "key matching" in caplog.text
     assert small.task_slots(9) == slice(9, 10) and small.task_slots(10) is None  # session 10: no forced prompt
 
 
 def test_per_sample_selection_does_not_depend_on_the_batch():
     scenario = make_scenario(6, 2, 2)
-    learner = L2P(_tiny_backbone(), scenario, CPU, optimizer=ADAM, batchwise_prompt_eval=False).eval()
+    learner = make_learner("l2p", _tiny_backbone(), scenario, CPU, optimizer=ADAM, batchwise_prompt_eval=False).eval()
     learner.begin_session(scenario.sessions[0])
     images = torch.rand(6, 3, 32, 32)
 
@@ -286,7 +290,9 @@ def test_trainable_parameters_of_vit_b16_match_the_reference():
     head = 768 * 100 + 100
     expected = {L2P: 38_400 + 7_680 + head, DualPrompt: 15_360 + 230_400 + 7_680 + head, CodaPrompt: 3_840_000 + head}
     for cls, count in expected.items():
-        learner = cls(backbone, scenario, CPU, optimizer=ADAM, **({"scheduler": None} if cls is CodaPrompt else {}))
+        learner = cls.create(
+            backbone, scenario, CPU, optimizer=ADAM, **({"scheduler": None} if cls is CodaPrompt else {})
+        )
         learner.begin_session(scenario.sessions[0])
         assert sum(p.numel() for p in learner.parameters() if p.requires_grad) == count, cls.__name__
         assert not any(k.startswith("backbone.") for k in learner.state_dict())
@@ -296,7 +302,7 @@ def test_a_cnn_backbone_is_refused():
     cnn = Backbone(timm.create_model("resnet18", pretrained=False, num_classes=0), "resnet18", 224, None, None, False)
     for cls in (L2P, DualPrompt, CodaPrompt):
         with pytest.raises(IncompatibleBackboneError, match="VisionTransformer"):
-            cls(cnn, make_scenario(10, 2, 2), CPU, optimizer=ADAM, scheduler=None)
+            cls.create(cnn, make_scenario(10, 2, 2), CPU, optimizer=ADAM, scheduler=None)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -310,7 +316,7 @@ def test_checkpoint_after_two_sessions_restores_identical_predictions(method, tm
     pipeline = DataPipeline(data, scenario, instantiate(cfg.transforms), runtime)
 
     def build():
-        return instantiate(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
+        return build_learner(cfg.method, backbone, scenario, runtime)
 
     learner = build()
     before = {k: v.clone() for k, v in learner.state_dict().items()}

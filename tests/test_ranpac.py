@@ -11,6 +11,7 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from test_registry import TWO_SESSIONS, assert_resumes_identically, small_overrides
 
+from pilot.api import make_learner
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.factory import create_timm_backbone
 from pilot.data.datasets import synthetic
@@ -18,7 +19,6 @@ from pilot.data.pipeline import TEST, TRAIN, DataPipeline
 from pilot.data.scenario import make_scenario
 from pilot.data.transforms import ImageTransforms
 from pilot.errors import ConfigError
-from pilot.learners.ranpac import RanPAC
 from pilot.modules.features import extract_features
 from pilot.modules.ridge import RIDGE_CANDIDATES, RidgeStatistics, select_ridge
 from pilot.runtime import make_runtime
@@ -96,7 +96,9 @@ def three_sessions():
     runtime = make_runtime(device="cpu", progress=False, channels_last=False)
     scenario = make_scenario(6, 2, 2)
     pipeline = DataPipeline(synthetic(num_classes=6), scenario, ImageTransforms(32), runtime)
-    learner = RanPAC(tiny_vit(), scenario, runtime, epochs=1, batch_size=16, projection_dim=M, prototype_batch_size=9)
+    learner = make_learner(
+        "ranpac", tiny_vit(), scenario, runtime, epochs=1, batch_size=16, projection_dim=M, prototype_batch_size=9
+    )
     rng = None
     for info in scenario.sessions:
         session = pipeline.session(info)
@@ -155,10 +157,12 @@ def test_only_session_zero_trains_and_the_projection_is_fixed(three_sessions):
     assert not any(k.startswith("backbone.") for k in state)
     assert state["statistics.gram"].shape == (M, M) and state["statistics.targets"].shape == (M, 6)
     runtime, scenario = make_runtime(device="cpu", progress=False), make_scenario(4, 2, 2)
-    fixed = [RanPAC(tiny_vit(), scenario, runtime, projection_dim=8, projection_seed=5) for _ in range(2)]
+    fixed = [
+        make_learner("ranpac", tiny_vit(), scenario, runtime, projection_dim=8, projection_seed=5) for _ in range(2)
+    ]
     torch.testing.assert_close(fixed[0].statistics.projection, fixed[1].statistics.projection)
     with pytest.raises(ConfigError, match="ridge_fit_fraction"):
-        RanPAC(tiny_vit(), scenario, runtime, projection_dim=8, ridge_fit_fraction=1.0)
+        make_learner("ranpac", tiny_vit(), scenario, runtime, projection_dim=8, ridge_fit_fraction=1.0)
 
 
 def test_config_holds_the_reference_values():

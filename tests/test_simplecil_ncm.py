@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from test_ease_slca import fit, tiny_setup, tiny_vit
 
+from pilot.api import make_learner
 from pilot.data.pipeline import TEST, TRAIN
-from pilot.learners.simplecil import SimpleCIL
 
 
 def test_simplecil_predicts_the_cosine_nearest_class_mean():
     runtime, scenario, pipeline = tiny_setup(num_classes=6, init_cls=2, increment=2)
-    learner = SimpleCIL(tiny_vit(), scenario, runtime)
+    learner = make_learner("simplecil", tiny_vit(), scenario, runtime)
     for info in scenario.sessions:
         fit(learner, pipeline, info)
 

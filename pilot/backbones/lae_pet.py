@@ -48,41 +48,6 @@ PetKind = Literal["prefix", "adapter", "lora"]
 Detach = Callable[[], None]
 
 
-def compensated_prefix_attention(
-    attn: Any,
-    x: torch.Tensor,
-    key_prefix: torch.Tensor,
-    value_prefix: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-) -> torch.Tensor:
-    """timm ``Attention.forward`` with ``L`` key/value prefixes (``[1, L, C]``) whose attention weights are
-    renormalised to sum to one per head and query (module doc). Same parts of ``attn`` as
-    :func:`prefix_attention`; the attention dropout acts before the renormalisation, as in the reference."""
-    if is_causal:
-        raise ValueError("prefix attention does not support is_causal")
-    B, N, _ = x.shape
-    H, D, L = attn.num_heads, attn.head_dim, key_prefix.shape[1]
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D]
-    pk = key_prefix.to(k.dtype).reshape(-1, L, H, D).transpose(1, 2).expand(B, -1, -1, -1)
-    pv = value_prefix.to(v.dtype).reshape(-1, L, H, D).transpose(1, 2).expand(B, -1, -1, -1)
-    q, k = attn.q_norm(q), attn.k_norm(torch.cat([pk, k], dim=2))
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, L + N]
-    if attn_mask is not None:  # a mask over the N tokens; every query sees the prefixes
-        fill = True if attn_mask.dtype == torch.bool else 0.0
-        attn_mask = torch.cat([attn_mask.new_full((*attn_mask.shape[:-1], L), fill), attn_mask], dim=-1)
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    weights = attn.attn_drop(scores.softmax(dim=-1))
-    on_prefix = weights[..., :L]
-    weights = torch.cat([on_prefix / on_prefix.sum(dim=-1, keepdim=True).clamp(min=1e-12), weights[..., L:]], dim=-1)
-    out = (weights @ torch.cat([pv, v], dim=2)).transpose(1, 2).reshape(B, N, H * D)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
-
-
 class CompensatedPrefix(nn.Module):
     """Key and value prefixes ``s_k P_k``, ``s_v P_v`` ``[L, C]`` of one block (reference ``Prefix``)."""
 
@@ -99,10 +64,9 @@ class CompensatedPrefix(nn.Module):
 
     def attach(self, block: nn.Module) -> Detach:
         attn: Any = block.attn
-        attention = compensated_prefix_attention if self.compensate else prefix_attention
         keys, values = self.prefixes()
         # An instance attribute shadows the class's forward for this call only (as prompted_vit.prompting).
-        attn.forward = partial(attention, attn, key_prefix=keys, value_prefix=values)
+        attn.forward = partial(prefix_attention, attn, key_prefix=keys, value_prefix=values, compensate=self.compensate)
         return partial(delattr, attn, "forward")
 
 

@@ -52,6 +52,7 @@ def prefix_attention(
     value_prefix: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    compensate: bool = False,
 ) -> torch.Tensor:
     """timm ``Attention.forward`` with ``L`` key/value prefixes concatenated in front of the keys and values.
 
@@ -61,6 +62,10 @@ def prefix_attention(
     dropout, output ``norm``, optional ``gate``, ``proj`` and ``proj_drop``. An ``attn_mask`` over
     the ``N`` keys is extended so that every query sees the prefixes; ``is_causal`` is not defined
     with prefixes. With ``L = 0`` this is exactly ``attn(x)``.
+
+    ``compensate`` (LAE's prefix, :mod:`pilot.backbones.lae_pet`): after the softmax (and the attention
+    dropout, as the reference), the weights on the ``L`` prefixes are renormalised to sum to one per head
+    and query, ``w_p <- w_p / sum_p w_p``; the weights on the tokens are left as they are.
     """
     B, N, _ = x.shape
     H, D = attn.num_heads, attn.head_dim
@@ -80,7 +85,7 @@ def prefix_attention(
     if attn_mask is not None and L:
         fill = True if attn_mask.dtype == torch.bool else 0.0
         attn_mask = torch.cat([attn_mask.new_full((*attn_mask.shape[:-1], L), fill), attn_mask], dim=-1)
-    if getattr(attn, "fused_attn", False):
+    if getattr(attn, "fused_attn", False) and not compensate:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
@@ -92,7 +97,13 @@ def prefix_attention(
             scores = (
                 scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
             )
-        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+        weights = attn.attn_drop(scores.softmax(dim=-1))
+        if compensate:
+            on_prefix = weights[..., :L]
+            weights = torch.cat(
+                [on_prefix / on_prefix.sum(dim=-1, keepdim=True).clamp(min=1e-12), weights[..., L:]], -1
+            )
+        out = weights @ v
     out = out.transpose(1, 2).reshape(B, N, H * D)
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:

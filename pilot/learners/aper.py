@@ -32,33 +32,27 @@ among its bases, whose ``super().__init__`` then reaches APER's. :mod:`pilot.sch
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
-from torch.optim import SGD
-from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import LearnerSetup
 from pilot.learners.first_session import AdapterTuned, FirstSessionTuned, PetKind, PetSpec
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import CosineLinear, class_means
-from pilot.modules.features import extract_features
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import PositiveInt
 
 
 class APER(FirstSessionTuned):
     """Two frozen branches [pretrained ; tuned] after session 0, cosine prototype classifier."""
 
-    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, **base: Any) -> None:
-        super().__init__(backbone, scenario, runtime, **base)
+    def __init__(self, setup: LearnerSetup, **base: Any) -> None:
+        super().__init__(setup, **base)
         # Rows are written, never trained, and sigma stays 1 (reference: a fresh CosineLinear whose
         # sigma no optimiser sees after session 0).
-        self.head = CosineLinear(2 * backbone.feature_dim, learn_sigma=False).requires_grad_(False)
+        self.head = CosineLinear(2 * self.backbone.feature_dim, learn_sigma=False).requires_grad_(False)
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
@@ -66,12 +60,9 @@ class APER(FirstSessionTuned):
 
     def end_session(self, session: SessionData) -> None:
         info = session.info
-        feats, labels = extract_features(
-            self.branch_features,
-            session.prototype_batches(self.prototype_batch_size),
-            self.runtime,
-            desc=f"prototypes s{info.index}",
-            eval_mode=self,  # PET dropout off (reference replace_fc: model.eval())
+        # eval_mode: PET dropout off (reference replace_fc: model.eval())
+        feats, labels = self.class_features(
+            session, self.branch_features, self.prototype_batch_size, "prototypes", eval_mode=self
         )
         self.head.assign(info.new_classes, class_means(feats, labels, info.new_classes))
 
@@ -98,8 +89,8 @@ class AperSSF(APER):
 
     requires_vit = True
 
-    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime, **base: Any) -> None:
-        super().__init__(backbone, scenario, runtime, pet=PetSpec("ssf"), **base)
+    def __init__(self, setup: LearnerSetup, **base: Any) -> None:
+        super().__init__(setup, pet=PetSpec("ssf"), **base)
 
 
 @register_learner("aper_vpt_shallow")
@@ -109,11 +100,9 @@ class AperVPTShallow(APER):
     requires_vit = True
     vpt_kind: ClassVar[PetKind] = "vpt_shallow"
 
-    def __init__(
-        self, backbone: Backbone, scenario: Scenario, runtime: Runtime, *, prompt_tokens: PositiveInt = 5, **base: Any
-    ) -> None:
+    def __init__(self, setup: LearnerSetup, *, prompt_tokens: PositiveInt = 5, **base: Any) -> None:
         pet = PetSpec(self.vpt_kind, prompt_tokens=prompt_tokens)
-        super().__init__(backbone, scenario, runtime, pet=pet, **base)
+        super().__init__(setup, pet=pet, **base)
 
 
 @register_learner("aper_vpt_deep")
@@ -127,17 +116,5 @@ class AperVPTDeep(AperVPTShallow):
 class AperFinetune(APER):
     """APER with the whole model fine-tuned in session 0 (exps/aper_finetune.json, _inr.json); any backbone."""
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=0.05),
-        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=6, eta_min=0.0),
-        epochs: PositiveInt = 6,
-        batch_size: PositiveInt = 128,
-        **base: Any,
-    ) -> None:
-        training = dict(optimizer=optimizer, scheduler=scheduler, epochs=epochs, batch_size=batch_size)
-        super().__init__(backbone, scenario, runtime, pet=PetSpec("finetune"), **training, **base)
+    def __init__(self, setup: LearnerSetup, **base: Any) -> None:
+        super().__init__(setup, pet=PetSpec("finetune"), **base)

@@ -1,15 +1,22 @@
 """The learner interface: the run loop calls ``fit``, ``predict``, ``state_dict`` and ``restore``.
 
-A learner is built by Hydra from ``configs/method/<name>.yaml`` with the backbone, the scenario and
-the runtime passed in::
+A learner is built from ``configs/method/<name>.yaml`` by :func:`build_learner`. Its constructor takes one
+:class:`LearnerSetup` (the backbone, the scenario, the runtime and the :class:`Training` settings of the
+shared training loop) and, keyword-only, its own hyperparameters::
 
-    learner = instantiate(cfg.method, _partial_=True)(backbone=backbone, scenario=scenario, runtime=runtime)
+    def __init__(self, setup: LearnerSetup, *, pool_size: PositiveInt, top_k: PositiveInt) -> None:
+        super().__init__(setup)
+
+The YAML keeps every ``method.*`` key flat: :meth:`Learner.create` hands the keys that name a
+:class:`Training` field (``optimizer``, ``scheduler``, ``epochs``, ``batch_size``, ``eval_batch_size``)
+to :class:`Training` and the rest to the constructor. Defaults live in the YAML (the reference
+settings); the constructor's own defaults must equal them.
 
 Before its ``__init__`` runs, the classmethod ``check_requirements(backbone, scenario, params)``
-sees every constructor argument and refuses, with a :class:`ConfigError` naming the ``method.*``
-key, what the learner cannot run (a CNN for a prompt learner, prompt layers beyond the ViT's depth,
-a prompt pool too small for the scenario...). The learner then implements a few hooks, called in
-this order for every session:
+sees every setting (the training fields and the constructor's arguments) and refuses, with a
+:class:`ConfigError` naming the ``method.*`` key, what the learner cannot run (a CNN for a prompt
+learner, prompt layers beyond the ViT's depth, a prompt pool too small for the scenario...). The
+learner then implements a few hooks, called in this order for every session:
 
 ``begin_session(info)``
     grow the structure for the new classes (classifier rows, a new head, a new adapter set, a
@@ -30,9 +37,13 @@ registered on the learner, not inside ``self.backbone``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
+import typing
 from abc import ABC, ABCMeta, abstractmethod
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -43,9 +54,41 @@ from pilot.data.pipeline import Batch, BatchStream, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError, IncompatibleBackboneError
 from pilot.learners.training import LossFn, OptimizerFactory, ParamGroups, SchedulerFactory, train_trainable
+from pilot.modules.features import extract_features
 from pilot.runtime import Runtime
+from pilot.schema import PositiveInt
 
 BACKBONE_PREFIX = "backbone."
+L = TypeVar("L", bound="Learner")
+
+
+@dataclass(frozen=True)
+class Training:
+    """The settings of the shared training loop (:meth:`Learner.train_epochs`), flat ``method.*`` keys.
+
+    ``optimizer`` and ``scheduler`` are factories (``_partial_`` nodes in YAML), rebuilt at every session;
+    ``epochs`` per session; ``batch_size`` of training (and of the learner's own feature passes unless it
+    has a separate setting); ``eval_batch_size`` of the run loop's test passes. A training-free learner
+    (SimpleCIL) leaves ``optimizer`` unset."""
+
+    optimizer: OptimizerFactory | None = None
+    scheduler: SchedulerFactory | None = None
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 256
+
+
+TRAINING_KEYS = frozenset(field.name for field in dataclasses.fields(Training))
+
+
+@dataclass(frozen=True)
+class LearnerSetup:
+    """What the run gives every learner: the backbone, the scenario, the runtime and the training settings."""
+
+    backbone: Backbone
+    scenario: Scenario
+    runtime: Runtime
+    training: Training = Training()
 
 
 class CheckedConstruction(ABCMeta):
@@ -57,13 +100,15 @@ class CheckedConstruction(ABCMeta):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         params = _bind(cls, args, kwargs)
         if params is not None:
-            getattr(cls, "check_requirements")(params["backbone"], params["scenario"], params)
+            setup = params.pop("setup")
+            settings = {**dataclasses.asdict(setup.training), **params}
+            getattr(cls, "check_requirements")(setup.backbone, setup.scenario, settings)
         return super().__call__(*args, **kwargs)
 
 
 def _bind(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """``__init__``'s arguments by name, or None when they do not bind (``__init__`` then raises its
-    own TypeError) or do not hold a real backbone and scenario."""
+    """``__init__``'s arguments by name (``**kwargs`` forwarded to a base class spread out), or None when
+    they do not bind (``__init__`` then raises its own TypeError) or hold no :class:`LearnerSetup`."""
     try:
         bound = inspect.signature(getattr(cls, "__init__")).bind(None, *args, **kwargs)
     except TypeError:
@@ -71,16 +116,16 @@ def _bind(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | No
     bound.apply_defaults()
     params = dict(bound.arguments)
     params.pop(next(iter(params)))  # self
-    if not isinstance(params.get("backbone"), Backbone) or not isinstance(params.get("scenario"), Scenario):
-        return None
-    return params
+    for name, param in inspect.signature(getattr(cls, "__init__")).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            params.update(params.pop(name, {}))
+    return params if isinstance(params.get("setup"), LearnerSetup) else None
 
 
 class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
     """Base class of every method. Subclasses set ``requires_vit`` when they hook into ViT blocks."""
 
     requires_vit: ClassVar[bool] = False
-    eval_batch_size: int = 256  # batch size the run loop evaluates this learner with
 
     @property
     def eval_unit(self) -> int:
@@ -88,14 +133,24 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         per-sample predictions; a learner whose predictions vote per group of samples returns the group."""
         return 1
 
-    def __init__(self, backbone: Backbone, scenario: Scenario, runtime: Runtime) -> None:
+    def __init__(self, setup: LearnerSetup) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.scenario = scenario
-        self.runtime = runtime
+        self.backbone, self.scenario, self.runtime = setup.backbone, setup.scenario, setup.runtime
+        training = setup.training
+        self.optimizer, self.scheduler = training.optimizer, training.scheduler
+        self.epochs, self.batch_size = int(training.epochs), int(training.batch_size)
+        self.eval_batch_size = int(training.eval_batch_size)  # the run loop evaluates in batches of this size
         self.known = 0  # classes learned before the current session
         self.total = 0  # classes seen once the current session is learned
         self.trainable_parameters = 0  # counted when the last session's training started
+
+    @classmethod
+    def create(cls: type[L], backbone: Backbone, scenario: Scenario, runtime: Runtime, **settings: Any) -> L:
+        """The learner with flat ``settings`` as in ``configs/method/*.yaml``: the :class:`Training` fields
+        among them go to :class:`Training`, the others to the constructor."""
+        training = Training(**{k: v for k, v in settings.items() if k in TRAINING_KEYS})
+        own = {k: v for k, v in settings.items() if k not in TRAINING_KEYS}
+        return cls(LearnerSetup(backbone, scenario, runtime, training), **own)
 
     # ----------------------------------------------------------------------- requirements
     @classmethod
@@ -104,10 +159,10 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
 
         ``params``: every ``__init__`` argument by name (the ``method.*`` config values, defaults
         filled in). Runs the checks that apply to any learner (:func:`check_backbone_family`,
-        :func:`check_block_indices`, :func:`check_top_k`). A learner with requirements of its own
-        overrides this classmethod, calls ``super()`` first and adds its checks.
+        :func:`check_block_indices`, :func:`check_top_k`, :func:`check_optimizer`). A learner with
+        requirements of its own overrides this classmethod, calls ``super()`` first and adds its checks.
         """
-        for requirement in (check_backbone_family, check_block_indices, check_top_k):
+        for requirement in (check_backbone_family, check_block_indices, check_top_k, check_optimizer):
             requirement(cls, backbone, scenario, params)
 
     # ------------------------------------------------------------------------------ hooks
@@ -140,17 +195,6 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         self.end_session(session)
         distributed.broadcast_state(self)  # data-parallel runs: every rank continues from rank 0's state
 
-    def set_training(
-        self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None, epochs: int, batch_size: int
-    ) -> None:
-        """Keep the settings :meth:`train_epochs` trains with (learners that train with a gradient optimiser)."""
-        self.optimizer, self.scheduler, self.epochs, self.batch_size = (
-            optimizer,
-            scheduler,
-            int(epochs),
-            int(batch_size),
-        )
-
     def train_epochs(
         self,
         session: SessionData,
@@ -159,8 +203,8 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         batches: BatchStream | None = None,
         after_step: Callable[[], None] | None = None,
     ) -> list[float]:
-        """The shared loop (:func:`pilot.learners.training.train_trainable`) with the settings of
-        :meth:`set_training`: a fresh optimiser over ``params`` (default: every trainable parameter),
+        """The shared loop (:func:`pilot.learners.training.train_trainable`) with the :class:`Training`
+        settings: a fresh optimiser over ``params`` (default: every trainable parameter),
         on ``batches`` (default: ``session``'s training batches of ``batch_size``); ``after_step`` runs
         after every optimiser step."""
         batches = session.train_batches(self.batch_size) if batches is None else batches
@@ -171,12 +215,34 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
             batches,
             self.epochs,
             loss_fn,
-            self.optimizer,
+            self.optimizer_factory,
             self.runtime,
             self.scheduler,
             desc,
             after_step=after_step,
         )
+
+    def class_features(
+        self,
+        session: SessionData,
+        features: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int,
+        what: str,
+        **options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features(images)`` of the session's new-class training images (test transform, class-sorted) and
+        their labels: the prototype and class-statistics pass. ``what`` names it in the progress bar;
+        ``options`` go to :func:`pilot.modules.features.extract_features` (``eval_mode``, ``full_precision``,
+        ``cache``)."""
+        batches, desc = session.prototype_batches(batch_size), f"{what} s{session.info.index}"
+        return extract_features(features, batches, self.runtime, desc=desc, **options)
+
+    @property
+    def optimizer_factory(self) -> OptimizerFactory:
+        """``method.optimizer``, for a learner that trains (a ConfigError where the config leaves it unset)."""
+        if self.optimizer is None:
+            raise ConfigError(f"method.optimizer is not set: {type(self).__name__} trains with a gradient optimiser.")
+        return self.optimizer
 
     def restore(self, state: Mapping[str, Any], sessions_done: int) -> None:
         """Rebuild the structure of ``sessions_done`` finished sessions, then load ``state``."""
@@ -216,6 +282,21 @@ def check_backbone_family(cls: type, backbone: Backbone, scenario: Scenario, par
             f"{cls.__name__} works on a timm VisionTransformer (it prompts or adapts the "
             f"transformer blocks), but backbone {backbone.name} is a timm {type(backbone.model).__name__}. "
             "Choose a ViT backbone, e.g. backbone=vit_b16_in1k."
+        )
+
+
+def check_optimizer(cls: type, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
+    """A learner that trains (it has a ``train_session``) needs ``method.optimizer``; one that does not
+    refuses it (an optimiser there would be a setting that changes nothing)."""
+    trains = getattr(cls, "train_session") is not Learner.train_session
+    if trains and params.get("optimizer") is None:
+        raise ConfigError(
+            f"method.optimizer is not set, but {cls.__name__} trains with a gradient optimiser. Set it in the "
+            "method's YAML (e.g. {_target_: torch.optim.SGD, _partial_: true, lr: 0.01})."
+        )
+    if not trains and (params.get("optimizer") is not None or params.get("scheduler") is not None):
+        raise ConfigError(
+            f"{cls.__name__} does not train (no gradient steps): remove method.optimizer and method.scheduler."
         )
 
 
@@ -259,3 +340,14 @@ def _int_list(value: Any) -> list[int] | None:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
         return None
     return [int(i) for i in items]
+
+
+def build_learner(method: Any, backbone: Backbone, scenario: Scenario, runtime: Runtime) -> Learner:
+    """The learner that the ``method`` config node describes (``_target_`` and flat settings), on
+    ``backbone``, ``scenario`` and ``runtime`` (see :meth:`Learner.create`)."""
+    from pilot.config import build  # the run's instantiate: nested _target_ nodes (optimisers) built here
+
+    # A partial, then a plain call: instantiate() would turn dataclass arguments into DictConfigs.
+    factory: functools.partial = build(method, _partial_=True)
+    learner_class = typing.cast("type[Learner]", factory.func)
+    return learner_class.create(backbone, scenario, runtime, **factory.keywords)

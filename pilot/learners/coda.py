@@ -30,14 +30,12 @@ from pilot.backbones.prompted_vit import Prefix, PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
-from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.classifiers import linear_head
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompt_pools import CodaPromptPool
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import EvenPositiveInt, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -69,32 +67,24 @@ class CodaPrompt(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
         prompt_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4),
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None,
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 128,
         drop_last: bool = True,
         pool_size: PositiveInt = 100,
         prompt_length: EvenPositiveInt = 8,
         ortho_mu: NonNegativeFloat = 0.0,
-        eval_batch_size: PositiveInt = 256,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
+        super().__init__(setup)
         self.layers = [int(i) for i in prompt_layers]
         self.backbone.freeze()
-        self.vit = PromptedViT(backbone.vit, prefix_layers=self.layers)
-        self.set_training(optimizer, scheduler, epochs, batch_size)
-        self.eval_batch_size = int(eval_batch_size)
+        self.vit = PromptedViT(self.backbone.vit, prefix_layers=self.layers)
+        self.eval_batch_size = int(self.eval_batch_size)
         self.drop_last, self.ortho_mu = bool(drop_last), float(ortho_mu)
         self.pool = CodaPromptPool(
-            len(self.layers), int(pool_size), int(prompt_length), self.vit.dim, scenario.num_sessions
+            len(self.layers), int(pool_size), int(prompt_length), self.vit.dim, self.scenario.num_sessions
         )
-        self.head = linear_head(self.vit.dim, scenario.num_classes, init="torch")  # PyTorch default init (§3.1)
+        self.head = linear_head(self.vit.dim, self.scenario.num_classes, init="torch")  # PyTorch default init (§3.1)
         self.queries = FeatureCache()
 
     def begin_session(self, info: SessionInfo) -> None:

@@ -45,13 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import SessionData
-from pilot.data.scenario import Scenario, SessionInfo
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import LearnerSetup
 from pilot.learners.slca import SLCA
 from pilot.modules.merging import diagonal_fisher, fisher_weighted_average, flatten, interpolate, unflatten_
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import PositiveFloat, Probability
 
 
@@ -65,9 +64,7 @@ class CoFiMA(SLCA):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
         merge_weight: Probability = 0.4,
         fisher_weighting: bool = True,
@@ -75,12 +72,12 @@ class CoFiMA(SLCA):
         scale_new_head_by_fisher: bool = False,
         **base: Any,  # SLCA's parameters, same defaults (pilot/schema.py reads them from SLCA)
     ) -> None:
-        super().__init__(backbone, scenario, runtime, **base)
+        super().__init__(setup, **base)
         self.merge_weight, self.fisher_weighting, self.fisher_max = merge_weight, fisher_weighting, fisher_max
         self.scale_new_head_by_fisher = scale_new_head_by_fisher
         size = sum(p.numel() for p in self.merged_parameters()) if fisher_weighting else 0
         self.register_buffer("fisher_backbone", torch.zeros(size))
-        self.register_buffer("fisher_head_weight", torch.zeros(0, backbone.feature_dim))
+        self.register_buffer("fisher_head_weight", torch.zeros(0, self.backbone.feature_dim))
         self.register_buffer("fisher_head_bias", torch.zeros(0))
         self.previous: torch.Tensor | None = None  # theta*_{t-1} of the backbone during session t
 

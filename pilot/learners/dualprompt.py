@@ -32,12 +32,11 @@ from pilot.backbones.backbone import Backbone
 from pilot.backbones.prompted_vit import Prefix
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
+from pilot.learners.base import LearnerSetup
 from pilot.learners.prompt_pool_learner import PromptPoolLearner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompt_pools import PromptPool
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -80,9 +79,7 @@ class DualPrompt(PromptPoolLearner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
         g_prompt_layers: Sequence[NonNegativeInt] = (0, 1),
         g_prompt_length: PositiveInt = 5,
@@ -90,15 +87,10 @@ class DualPrompt(PromptPoolLearner):
         e_prompt_length: PositiveInt = 5,
         pool_size: PositiveInt = 10,
         top_k: PositiveInt = 1,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        epochs: PositiveInt = 5,
-        batch_size: PositiveInt = 24,
         batchwise_prompt: bool = True,
         batchwise_prompt_eval: bool = True,
         task_forced_prompt: bool = True,
         copy_previous_prompt: bool = True,
-        eval_batch_size: PositiveInt = 504,
         vote_batch_size: PositiveInt = 24,
         pull_coeff: NonNegativeFloat = 0.1,
         reference_prefix_layout: bool = False,
@@ -110,9 +102,8 @@ class DualPrompt(PromptPoolLearner):
                 f"method.g_prompt_layers {g_layers} and method.e_prompt_layers {e_layers} "
                 "overlap; a block takes either the G- or the E-prompt"
             )
-        super().__init__(backbone, scenario, runtime, prefix_layers=g_layers + e_layers)
-        self.set_training(optimizer, scheduler, epochs, batch_size)
-        self.set_selection(eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
+        super().__init__(setup, prefix_layers=g_layers + e_layers)
+        self.set_selection(self.eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
         self.g_layers, self.e_layers = g_layers, e_layers
         self.g_length, self.e_length, self.top_k = int(g_prompt_length), int(e_prompt_length), int(top_k)
         self.task_forced_prompt, self.copy_previous_prompt = bool(task_forced_prompt), bool(copy_previous_prompt)
@@ -122,10 +113,10 @@ class DualPrompt(PromptPoolLearner):
         self.g_prompt = nn.Parameter(torch.empty(len(self.g_layers), 2 * self.g_length, dim).uniform_(-1, 1))
         # E-prompt pool: one entry = for each E layer [key prefix; value prefix] rows.
         self.e_pool = PromptPool(int(pool_size), len(self.e_layers) * 2 * self.e_length, dim, self.top_k)
-        self.head = linear_head(dim, scenario.num_classes)
+        self.head = linear_head(dim, self.scenario.num_classes)
         self.session = 0
         covered = self.e_pool.pool_size // self.top_k
-        if (task_forced_prompt or copy_previous_prompt) and scenario.num_sessions > covered:
+        if (task_forced_prompt or copy_previous_prompt) and self.scenario.num_sessions > covered:
             log.warning(
                 "DualPrompt: the E-prompt pool (%d prompts, top_k %d) has task slots for %d sessions, but the scenario "
                 "has %d. As in the reference, sessions %d-%d train without a task-forced E-prompt (selection by key "
@@ -133,9 +124,9 @@ class DualPrompt(PromptPoolLearner):
                 self.e_pool.pool_size,
                 self.top_k,
                 covered,
-                scenario.num_sessions,
+                self.scenario.num_sessions,
                 covered,
-                scenario.num_sessions - 1,
+                self.scenario.num_sessions - 1,
             )
 
     @classmethod

@@ -47,16 +47,14 @@ import torch.nn.functional as F
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import ConstantLR
 
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.base import Learner
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.learners.training import OptimizerFactory, ParamGroups, SchedulerFactory, build_optimizer, train_epochs
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.features import evaluating, extract_features
 from pilot.modules.merging import add_task_vector, flatten, floating_state, transport_classifier, unflatten_
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 
 
@@ -70,14 +68,8 @@ class DUCT(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.1, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(ConstantLR, factor=1 / 3, total_iters=5),
-        epochs: PositiveInt = 10,
-        batch_size: PositiveInt = 128,
         backbone_lr_scale: NonNegativeFloat = 0.01,
         merge_scalar: NonNegativeFloat = 0.25,
         similarity_scaled_merge: bool = True,
@@ -88,21 +80,19 @@ class DUCT(Learner):
         ot_reg: PositiveFloat = 0.02,
         new_row_init: Literal["uniform", "zeros"] = "uniform",
         stats_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.set_training(optimizer, scheduler, epochs, batch_size)
+        super().__init__(setup)
         self.backbone_lr_scale, self.merge_scalar = backbone_lr_scale, merge_scalar
         self.similarity_scaled_merge = similarity_scaled_merge
         self.retrain_optimizer, self.retrain_scheduler = retrain_optimizer, retrain_scheduler
         self.retrain_epochs, self.head_merge_ratio, self.ot_reg = retrain_epochs, head_merge_ratio, ot_reg
         self.new_row_init = new_row_init
-        self.stats_batch_size, self.eval_batch_size = stats_batch_size, eval_batch_size
+        self.stats_batch_size, self.eval_batch_size = stats_batch_size, self.eval_batch_size
         if backbone_lr_scale == 0:
             self.backbone.freeze()
-        self.head = CosineLinear(backbone.feature_dim)
-        self.register_buffer("pretrained", flatten(floating_state(backbone)), persistent=False)
-        self.register_buffer("means", torch.zeros(0, backbone.feature_dim, dtype=torch.float64))
+        self.head = CosineLinear(self.backbone.feature_dim)
+        self.register_buffer("pretrained", flatten(floating_state(self.backbone)), persistent=False)
+        self.register_buffer("means", torch.zeros(0, self.backbone.feature_dim, dtype=torch.float64))
         self.merged: torch.Tensor | None = None  # theta*_{t-1} while session t trains
 
     # ------------------------------------------------------------------------------ hooks
@@ -126,7 +116,7 @@ class DUCT(Learner):
             groups.insert(0, {"params": backbone_params})
 
         def scaled(groups: ParamGroups) -> Optimizer:  # backbone lr scaled before the scheduler records it
-            opt = self.optimizer(groups)
+            opt = self.optimizer_factory(groups)
             if backbone_params:
                 opt.param_groups[0]["lr"] *= self.backbone_lr_scale
             return opt

@@ -30,26 +30,20 @@ once per run.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import SGD
-from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from pilot.backbones.adapters import AdapterSet, check_adaptable, multi_adapter_features
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.classifiers import CosineLinear, class_means
-from pilot.modules.features import FeatureCache, extract_features
+from pilot.modules.features import FeatureCache
 from pilot.modules.precision import float32_compute
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveInt, Probability
 
 
@@ -104,31 +98,23 @@ class EASE(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.025, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
         adapter_dim: PositiveInt = 64,
         adapter_dropout: Probability = 0.1,
         sets_per_pass: PositiveInt | None = None,
         adapter_scale: NonNegativeFloat = 0.1,
         alpha: NonNegativeFloat = 0.1,
         prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 128,
         cache_features: bool = True,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        check_adaptable(backbone.vit)
-        self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
+        super().__init__(setup)
+        check_adaptable(self.backbone.vit)
         self.adapter_dim, self.adapter_dropout, self.adapter_scale = adapter_dim, adapter_dropout, adapter_scale
         self.alpha, self.sets_per_pass, self.cache_features = alpha, sets_per_pass, cache_features
-        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
+        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, self.eval_batch_size
         self.backbone.freeze()
-        dim = backbone.feature_dim
+        dim = self.backbone.feature_dim
         self.adapters = nn.ModuleList()  # one AdapterSet per session; all in state_dict()
         self.proxy_fc = CosineLinear(dim, learn_sigma=True)  # current classes only, training only
         self.register_buffer("prototypes", torch.zeros(0, 0, dim))  # [classes, subspaces, dim]
@@ -168,12 +154,13 @@ class EASE(Learner):
         info = session.info
         self.adapters[-1].requires_grad_(False)  # final: its features may now be cached
         self.proxy_fc.requires_grad_(False)
-        feats, labels = extract_features(
-            lambda images: self.subspace_features(images).flatten(1),
-            session.prototype_batches(self.prototype_batch_size),
-            self.runtime,
-            desc=f"prototypes s{info.index}",
-            eval_mode=self,  # adapter dropout off for prototypes (reference replace_fc: model.eval())
+        # eval_mode: adapter dropout off for prototypes (reference replace_fc: model.eval())
+        feats, labels = self.class_features(
+            session,
+            lambda x: self.subspace_features(x).flatten(1),
+            self.prototype_batch_size,
+            "prototypes",
+            eval_mode=self,
         )
         subspaces, dim = len(self.adapters), self.backbone.feature_dim
         means = class_means(feats, labels, info.new_classes).view(info.num_new, subspaces, dim)

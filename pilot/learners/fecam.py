@@ -27,14 +27,12 @@ from typing import Any, Literal
 
 import torch
 
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import LearnerSetup
 from pilot.learners.first_session import AdapterTuned
-from pilot.modules.features import extract_features
 from pilot.modules.mahalanobis import ClassMahalanobis
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat
 
 
@@ -44,9 +42,7 @@ class FeCAM(AdapterTuned):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
         covariance: Literal["pilot", "paper"] = "pilot",
         shrink: NonNegativeFloat = 100.0,
@@ -54,8 +50,8 @@ class FeCAM(AdapterTuned):
         gamma2: NonNegativeFloat = 0.0,
         **base: Any,
     ) -> None:
-        super().__init__(backbone, scenario, runtime, **base)
-        self.classes = ClassMahalanobis(backbone.feature_dim, covariance, shrink, gamma1, gamma2)
+        super().__init__(setup, **base)
+        self.classes = ClassMahalanobis(self.backbone.feature_dim, covariance, shrink, gamma1, gamma2)
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
@@ -64,12 +60,9 @@ class FeCAM(AdapterTuned):
     @torch.no_grad()
     def end_session(self, session: SessionData) -> None:
         info = session.info
-        feats, labels = extract_features(
-            self.tuned_features,
-            session.prototype_batches(self.prototype_batch_size),
-            self.runtime,
-            desc=f"class statistics s{info.index}",
-            eval_mode=self,  # adapter dropout off (reference replace_fc: model.eval())
+        # eval_mode: adapter dropout off (reference replace_fc: model.eval())
+        feats, labels = self.class_features(
+            session, self.tuned_features, self.prototype_batch_size, "class statistics", eval_mode=self
         )
         self.classes.update(feats, labels, info.new_classes)
 

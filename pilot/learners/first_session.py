@@ -62,27 +62,22 @@ import copy
 import dataclasses
 import typing
 from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import SGD
-from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from pilot.backbones.adapters import AdapterSet, adapters_active
 from pilot.backbones.backbone import Backbone
 from pilot.backbones.ssf import SSFParams, ssf_active
 from pilot.backbones.vpt import VisualPrompts, visual_prompts_active
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
+from pilot.data.scenario import SessionInfo
 from pilot.errors import ConfigError
-from pilot.learners.base import Learner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.classifiers import CosineLinear
 from pilot.modules.features import FeatureCache, FeatureFn
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveInt, Probability
 
 PetKind = Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"]
@@ -93,31 +88,23 @@ class FirstSessionTuned(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
         pet: PetSpec,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
         prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
         cache_features: bool = True,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
-        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, eval_batch_size
+        super().__init__(setup)
+        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, self.eval_batch_size
         self.cache_features = cache_features
         self.pet_kind = pet.kind
         self.tuned_backbone: Backbone | None = None
         if pet.kind == "finetune":
-            self.tuned_backbone = copy.deepcopy(backbone)  # before freeze(): the copy trains in session 0
+            self.tuned_backbone = copy.deepcopy(self.backbone)  # before freeze(): the copy trains in session 0
             self.tuned_backbone.requires_grad_(True)
         self.backbone.freeze()
-        self.pet = build_pet(pet, backbone)
-        self.first_head = CosineLinear(backbone.feature_dim, learn_sigma=True)
+        self.pet = build_pet(pet, self.backbone)
+        self.first_head = CosineLinear(self.backbone.feature_dim, learn_sigma=True)
         self._tuned = False
         self.features = FeatureCache()
 
@@ -200,9 +187,7 @@ class AdapterTuned(FirstSessionTuned):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
         adapter_dim: PositiveInt = 64,
         adapter_dropout: Probability = 0.1,
@@ -210,7 +195,7 @@ class AdapterTuned(FirstSessionTuned):
         **base: Any,
     ) -> None:
         pet = PetSpec("adapter", adapter_dim, adapter_dropout, adapter_scale)
-        super().__init__(backbone, scenario, runtime, pet=pet, **base)
+        super().__init__(setup, pet=pet, **base)
 
 
 # ---------------------------------------------------------------------------------- PET modules

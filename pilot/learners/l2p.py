@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from pilot.backbones.backbone import Backbone
-from pilot.data.scenario import Scenario
+from pilot.learners.base import LearnerSetup
 from pilot.learners.prompt_pool_learner import PromptPoolLearner
-from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompt_pools import PromptPool
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, PositiveInt
 
 
@@ -35,29 +32,21 @@ class L2P(PromptPoolLearner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        epochs: PositiveInt = 5,
-        batch_size: PositiveInt = 16,
         pool_size: PositiveInt = 10,
         prompt_length: PositiveInt = 5,
         top_k: PositiveInt = 5,
         batchwise_prompt: bool = True,
         batchwise_prompt_eval: bool = True,
-        eval_batch_size: PositiveInt = 512,
         vote_batch_size: PositiveInt = 16,
         pull_coeff: NonNegativeFloat = 0.1,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.set_training(optimizer, scheduler, epochs, batch_size)
-        self.set_selection(eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
+        super().__init__(setup)
+        self.set_selection(self.eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
         self.top_k, self.prompt_length = int(top_k), int(prompt_length)
         self.pool = PromptPool(int(pool_size), self.prompt_length, self.vit.dim, self.top_k)
-        self.head = linear_head(self.vit.dim, scenario.num_classes)
+        self.head = linear_head(self.vit.dim, self.scenario.num_classes)
 
     def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
         """Prompts ``indices`` inserted after CLS; the head reads the mean of the prompt-token outputs

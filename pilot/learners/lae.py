@@ -28,17 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pilot.backbones.backbone import Backbone
 from pilot.backbones.lae_pet import build_pets, check_pet_layers, pets_attached
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.base import Learner
-from pilot.learners.training import EpochHook, OptimizerFactory, SchedulerFactory, build_optimizer, train_epochs
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import Learner, LearnerSetup
+from pilot.learners.training import EpochHook, build_optimizer, train_epochs
 from pilot.modules.classifiers import linear_head
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.precision import FP32Linear
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeInt, PositiveInt, Probability
 
 
@@ -76,16 +74,9 @@ class LAE(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        epochs: PositiveInt = 5,
         num_freeze_epochs: NonNegativeInt = 3,
-        batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
         pet: Literal["prefix", "adapter", "lora"] = "prefix",
         pet_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4),
         pet_length: PositiveInt = 10,
@@ -96,19 +87,18 @@ class LAE(Learner):
         offline_from_start: bool = False,
         head_init: Literal["pilot", "official"] = "pilot",
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
+        super().__init__(setup)
         self.backbone.freeze()
-        self.set_training(optimizer, scheduler, epochs, batch_size)
-        self.eval_batch_size = int(eval_batch_size)
+        self.eval_batch_size = int(self.eval_batch_size)
         self.num_freeze_epochs, self.ema_decay = int(num_freeze_epochs), float(ema_decay)
         self.freeze_first_session, self.offline_from_start = bool(freeze_first_session), bool(offline_from_start)
         self.layers = [int(i) for i in pet_layers]
-        vit = backbone.vit
+        vit = self.backbone.vit
         check_pet_layers(vit, pet, self.layers)
         dim = int(vit.embed_dim)
         self.online = build_pets(pet, dim, len(self.layers), int(pet_length), int(pet_rank), bool(prefix_compensation))
         self.offline = copy.deepcopy(self.online).requires_grad_(False)
-        self.head = lae_head(dim, scenario.num_classes, head_init)
+        self.head = lae_head(dim, self.scenario.num_classes, head_init)
         self.session = 0
 
     # ------------------------------------------------------------------------------ structure
@@ -151,7 +141,7 @@ class LAE(Learner):
         (no gradient, so Adam leaves it and its moments untouched), then with it trained. The offline
         PET follows every optimiser step (the loop's ``after_step``)."""
         params = [*self.head.parameters(), *self.online.parameters()]
-        optimizer, scheduler = build_optimizer(params, self.optimizer, self.scheduler)
+        optimizer, scheduler = build_optimizer(params, self.optimizer_factory, self.scheduler)
         batches, frozen = session.train_batches(self.batch_size), self.frozen_epochs()
         phases = ((0, frozen, False, "head only"), (frozen, self.epochs, True, "head + PET"))
         try:

@@ -42,7 +42,7 @@ from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import TRAIN, Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
-from pilot.learners.base import Learner
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.learners.training import OptimizerFactory, ParamGroups, SchedulerFactory, build_optimizer, train_epochs
 from pilot.modules.adapter_merging import AdapterHistory, SelectedFeatures, after_each_step, self_refined_logits
 from pilot.modules.alignment import align_classifier
@@ -52,7 +52,6 @@ from pilot.modules.gaussian import ClassGaussians
 from pilot.modules.masking import mask_old_classes
 from pilot.modules.precision import float32_compute
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 
@@ -79,14 +78,8 @@ class MOS(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.03, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20, eta_min=0.0),
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 48,
         head_lr_scale: NonNegativeFloat = 0.1,
         adapter_dim: PositiveInt = 16,
         adapter_dropout: Probability = 0.1,
@@ -104,26 +97,24 @@ class MOS(Learner):
         refine_rounds: PositiveInt = 4,
         ensemble: bool = True,
         prototype_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 128,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
+        super().__init__(setup)
         self.head_lr_scale, self.adapter_momentum, self.adapter_drift = head_lr_scale, adapter_momentum, adapter_drift
         self.orthogonality_weight, self.orthogonality_temperature = orthogonality_weight, orthogonality_temperature
         self.ca_epochs, self.refine_rounds, self.ensemble = ca_epochs, refine_rounds, ensemble
         n = ca_samples_per_class  # classifier alignment: n samples of every class per epoch, in batches of n
-        ca = partial(align_classifier, epochs=ca_epochs, optimizer=ca_optimizer, runtime=runtime, tau=None)
+        ca = partial(align_classifier, epochs=ca_epochs, optimizer=ca_optimizer, runtime=self.runtime, tau=None)
         self.align = partial(ca, scheduler=ca_scheduler, samples_per_class=n, batch_size=n)  # tau None: plain CE
         self.prototype_batch_size = prototype_batch_size
         # with drift, an evaluation batch holds whole reference test batches (merge blocks of batch_size)
-        aligned = max(batch_size, eval_batch_size // batch_size * batch_size)
-        self.eval_batch_size = aligned if adapter_drift else eval_batch_size
+        aligned = max(self.batch_size, self.eval_batch_size // self.batch_size * self.batch_size)
+        self.eval_batch_size = aligned if adapter_drift else self.eval_batch_size
         self.backbone.freeze()
-        dim = backbone.feature_dim
-        self.current = AdapterSet.for_vit(backbone.vit, adapter_dim, adapter_dropout, adapter_scale)  # trains
+        dim = self.backbone.feature_dim
+        self.current = AdapterSet.for_vit(self.backbone.vit, adapter_dim, adapter_dropout, adapter_scale)  # trains
         self.adapters = nn.ModuleList()  # S_t, one frozen snapshot per session (inference)
         self.history = AdapterHistory(self.current)  # prefix sums of the S_t
-        self.head = linear_head(dim, scenario.num_classes)  # every class of the dataset, trunc-normal .02
+        self.head = linear_head(dim, self.scenario.num_classes)  # every class of the dataset, trunc-normal .02
         self.prototypes = CosineLinear(dim, learn_sigma=False).requires_grad_(False)  # adapter-0 class means
         self.stats = ClassGaussians(dim, covariance_shrink)
         self.register_buffer("class_task", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -168,7 +159,7 @@ class MOS(Learner):
             return ce + self.orthogonality_weight * orth
 
         def scaled(groups: ParamGroups) -> Optimizer:  # head lr scaled before the scheduler records it
-            opt = self.optimizer(groups)
+            opt = self.optimizer_factory(groups)
             opt.param_groups[1]["lr"] *= self.head_lr_scale
             return opt
 

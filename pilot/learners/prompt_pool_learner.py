@@ -17,15 +17,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pilot.backbones.backbone import Backbone
 from pilot.backbones.prompted_vit import PromptedViT
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario
-from pilot.learners.base import Learner
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.features import FeatureCache
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompt_pools import PromptPool, vote_aligned_batch_size
-from pilot.runtime import Runtime
 
 
 class PromptPoolLearner(Learner):
@@ -34,12 +31,10 @@ class PromptPoolLearner(Learner):
     requires_vit = True
     pool: PromptPool
 
-    def __init__(
-        self, backbone: Backbone, scenario: Scenario, runtime: Runtime, prefix_layers: Sequence[int] = ()
-    ) -> None:
-        super().__init__(backbone, scenario, runtime)
+    def __init__(self, setup: LearnerSetup, prefix_layers: Sequence[int] = ()) -> None:
+        super().__init__(setup)
         self.backbone.freeze()
-        self.vit = PromptedViT(backbone.vit, prefix_layers=prefix_layers)
+        self.vit = PromptedViT(self.backbone.vit, prefix_layers=prefix_layers)
         self.queries = FeatureCache()  # q(x) of test images: the frozen model never changes
 
     def set_selection(

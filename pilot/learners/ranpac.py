@@ -32,13 +32,13 @@ from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
+from pilot.learners.base import LearnerSetup
 from pilot.learners.first_session import AdapterTuned
 from pilot.modules.features import extract_features
 from pilot.modules.gaussian import zero_rows_to
 from pilot.modules.precision import float32_compute
 from pilot.modules.ridge import RIDGE_CANDIDATES, RidgeStatistics
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import PositiveFloat, PositiveInt, Probability, Seed
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ class RanPAC(AdapterTuned):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
         projection_dim: PositiveInt = 10000,
         projection_seed: Seed | None = None,
@@ -77,12 +75,13 @@ class RanPAC(AdapterTuned):
         scoring: Literal["cosine", "raw"] = "cosine",
         **base: Any,
     ) -> None:
-        super().__init__(backbone, scenario, runtime, **base)
+        super().__init__(setup, **base)
         self.ridge_candidates = [float(r) for r in ridge_candidates]
         self.ridge_fit_fraction, self.scoring = float(ridge_fit_fraction), scoring
         # projection_seed None: W comes from the global generator, which follows the run seed (as the reference).
         generator = None if projection_seed is None else torch.Generator().manual_seed(projection_seed)
-        self.statistics = RidgeStatistics(backbone.feature_dim, projection_dim, scenario.num_classes, generator)
+        classes = self.scenario.num_classes
+        self.statistics = RidgeStatistics(self.backbone.feature_dim, projection_dim, classes, generator)
         self.register_buffer("readout", torch.zeros(0, projection_dim))
         self.register_buffer("ridge", torch.zeros((), dtype=torch.float64))
 

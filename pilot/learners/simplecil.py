@@ -16,47 +16,33 @@ from __future__ import annotations
 
 import torch
 
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.base import Learner
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.feature_store import FeatureStore
-from pilot.modules.features import extract_features
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
-from pilot.schema import PositiveInt
 
 
 @register_learner("simplecil")
 class SimpleCIL(Learner):
     """Cosine nearest-class-mean on frozen pretrained features."""
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
-        *,
-        batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 512,
-    ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+    def __init__(self, setup: LearnerSetup) -> None:
+        super().__init__(setup)
         self.backbone.freeze()
         # Rows are written, never trained, and sigma stays 1 (docs/methods.md §0.5).
-        self.head = CosineLinear(backbone.feature_dim, learn_sigma=False).requires_grad_(False)
+        self.head = CosineLinear(self.backbone.feature_dim, learn_sigma=False).requires_grad_(False)
         # Test features in memory for the run, and on disk across runs when the weights are pretrained.
-        self.features = FeatureStore(runtime, "backbone/pooled")
+        self.features = FeatureStore(self.runtime, "backbone/pooled")
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
         self.head.grow(info.total, init="zeros")
 
     def end_session(self, session: SessionData) -> None:
-        batches, desc = session.prototype_batches(self.batch_size), f"prototypes s{session.info.index}"
         cache = self.features if self.features.on_disk else None  # each training image passes once per run
-        feats, labels = extract_features(self.backbone, batches, self.runtime, desc=desc, cache=cache)
+        feats, labels = self.class_features(session, self.backbone, self.batch_size, "prototypes", cache=cache)
         self.head.assign(session.info.new_classes, class_means(feats, labels, session.info.new_classes))
 
     @torch.inference_mode()

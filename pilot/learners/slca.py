@@ -40,20 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import SGD
-from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.base import Learner
+from pilot.learners.base import Learner, LearnerSetup
 from pilot.learners.training import OptimizerFactory, SchedulerFactory, slow_backbone_optimizer, train_epochs
 from pilot.modules.alignment import align_classifier
 from pilot.modules.classifiers import linear_head
-from pilot.modules.features import extract_features
 from pilot.modules.gaussian import ClassGaussians, zero_rows_to
 from pilot.modules.precision import FP32Linear
 from pilot.registry import register_learner
-from pilot.runtime import Runtime
 from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 
@@ -75,14 +72,8 @@ class SLCA(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
         *,
-        optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        scheduler: SchedulerFactory | None = partial(MultiStepLR, milestones=[18], gamma=0.1),
-        epochs: PositiveInt = 20,
-        batch_size: PositiveInt = 64,
         backbone_lr_scale: NonNegativeFloat = 0.01,
         ca_optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
         ca_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=3),
@@ -94,19 +85,17 @@ class SLCA(Learner):
         reference_session_mapping: bool = False,
         freeze_batchnorm_stats: bool = True,
         stats_batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 256,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
-        self.set_training(optimizer, scheduler, epochs, batch_size)  # scheduler None: a constant learning rate
+        super().__init__(setup)
         self.backbone_lr_scale, self.ca_epochs = backbone_lr_scale, ca_epochs
         self.ca_optimizer, self.ca_scheduler = ca_optimizer, ca_scheduler  # ca_scheduler None: a constant lr
         self.ca_samples_per_class, self.ca_batch_size = ca_samples_per_class, ca_batch_size
         self.ca_logit_norm = ca_logit_norm
         self.reference_session_mapping, self.freeze_batchnorm_stats = reference_session_mapping, freeze_batchnorm_stats
-        self.stats_batch_size, self.eval_batch_size = stats_batch_size, eval_batch_size
+        self.stats_batch_size, self.eval_batch_size = stats_batch_size, self.eval_batch_size
         if backbone_lr_scale == 0:  # the reference's fix_bcb: heads only
             self.backbone.freeze()
-        dim = backbone.feature_dim
+        dim = self.backbone.feature_dim
         self.heads = nn.ModuleList()  # stage-1 heads, one per session
         self.stats = ClassGaussians(dim, covariance_shrink)
         self.register_buffer("aligned_weight", torch.zeros(0, dim))  # heads used by predict
@@ -132,7 +121,7 @@ class SLCA(Learner):
                     module.eval()
         head, known = self.heads[-1], self.known
         optimizer, scheduler = slow_backbone_optimizer(
-            self.backbone, head, self.optimizer, self.scheduler, self.backbone_lr_scale
+            self.backbone, head, self.optimizer_factory, self.scheduler, self.backbone_lr_scale
         )
 
         def loss_fn(batch: Batch) -> torch.Tensor:
@@ -144,12 +133,13 @@ class SLCA(Learner):
 
     def end_session(self, session: SessionData) -> None:
         info = session.info
-        feats, labels = extract_features(
+        # full_precision: covariances without bf16 rounding noise (modules/precision.py)
+        feats, labels = self.class_features(
+            session,
             self.backbone,
-            session.prototype_batches(self.stats_batch_size),
-            self.runtime,
-            desc=f"class statistics s{info.index}",
-            full_precision=True,  # covariances: no bf16 rounding noise (modules/precision.py)
+            self.stats_batch_size,
+            "class statistics",
+            full_precision=True,
             eval_mode=self.backbone,
         )
         self.stats.update(feats, labels, info.new_classes)

@@ -18,6 +18,8 @@ classes' means).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -87,7 +89,31 @@ def zero_rows_to(tensor: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(total - tensor.shape[0], *tensor.shape[1:])])
 
 
-class ClassGaussians(nn.Module):
+class ClassStore(nn.Module):
+    """Per-class buffers, one row per class, that grow with the scenario (so they are in ``state_dict``).
+
+    A subclass registers its buffers with zero rows and names them in ``rows``; ``grow(total)`` appends zero
+    rows for the new classes (structure only, :meth:`pilot.learners.base.Learner.restore` replays it), and
+    ``write(classes, name=values, ...)`` stores the statistics of a range of classes in each buffer's dtype."""
+
+    rows: ClassVar[tuple[str, ...]]
+
+    @property
+    def num_classes(self) -> int:
+        return getattr(self, self.rows[0]).shape[0]
+
+    def grow(self, total: int) -> None:
+        if total > self.num_classes:
+            for name in self.rows:
+                setattr(self, name, zero_rows_to(getattr(self, name), total))
+
+    def write(self, classes: range, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            buffer = getattr(self, name)
+            buffer[classes.start : classes.stop] = value.to(buffer.dtype)
+
+
+class ClassGaussians(ClassStore):
     """Growing store of per-class means and full covariances (float64 buffers, so in ``state_dict``).
 
     ``grow(total)`` adds zero rows for new classes (structure only); ``update`` writes the
@@ -97,6 +123,7 @@ class ClassGaussians(nn.Module):
 
     means: torch.Tensor  # [C, D] float64 buffer
     covs: torch.Tensor  # [C, D, D] float64 buffer
+    rows = ("means", "covs")
 
     def __init__(self, dim: int, shrink: float = 1e-4) -> None:
         super().__init__()
@@ -105,21 +132,12 @@ class ClassGaussians(nn.Module):
         self.register_buffer("means", torch.zeros(0, dim, dtype=torch.float64))
         self.register_buffer("covs", torch.zeros(0, dim, dim, dtype=torch.float64))
 
-    @property
-    def num_classes(self) -> int:
-        return self.means.shape[0]
-
-    def grow(self, total: int) -> None:
-        if total > self.num_classes:
-            self.means, self.covs = zero_rows_to(self.means, total), zero_rows_to(self.covs, total)
-
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, classes: range) -> None:
         """Compute and store the statistics of ``classes`` (see :func:`class_statistics`)."""
         device = self.means.device
         means, covs = class_statistics(features.to(device), labels.to(device), classes, self.shrink)
-        self.means[classes.start : classes.stop] = means
-        self.covs[classes.start : classes.stop] = covs
+        self.write(classes, means=means, covs=covs)
 
     def scale_tril(self, classes: range | None = None) -> torch.Tensor:
         """Cholesky factors (float64) of the covariances of ``classes`` (default: all)."""

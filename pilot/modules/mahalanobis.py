@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pilot.modules.gaussian import class_statistics, zero_rows_to
+from pilot.modules.gaussian import ClassStore, class_statistics
 from pilot.modules.precision import float32_compute
 
 
@@ -116,7 +115,7 @@ def mahalanobis_distances(
     return torch.cat(out, dim=1).float() if out else features.new_zeros(features.shape[0], 0).float()
 
 
-class ClassMahalanobis(nn.Module):
+class ClassMahalanobis(ClassStore):
     """Growing store of class centres and pseudo-inverse matrices (float32 buffers, so in ``state_dict``).
 
     ``grow(total)`` adds zero rows for new classes (structure only); ``update`` computes the statistics
@@ -126,6 +125,7 @@ class ClassMahalanobis(nn.Module):
 
     centres: torch.Tensor  # [C, D]
     precisions: torch.Tensor  # [C, D, D]
+    rows = ("centres", "precisions")
 
     def __init__(
         self, dim: int, covariance: str = "pilot", alpha: float = 100.0, gamma1: float = 1.0, gamma2: float = 0.0
@@ -136,14 +136,6 @@ class ClassMahalanobis(nn.Module):
         self.register_buffer("centres", torch.zeros(0, dim))
         self.register_buffer("precisions", torch.zeros(0, dim, dim))
 
-    @property
-    def num_classes(self) -> int:
-        return self.centres.shape[0]
-
-    def grow(self, total: int) -> None:
-        if total > self.num_classes:
-            self.centres, self.precisions = zero_rows_to(self.centres, total), zero_rows_to(self.precisions, total)
-
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, classes: range) -> None:
         """Compute and store centres and ``pinv(S_c)`` of ``classes`` (see :func:`fecam_statistics`)."""
@@ -151,8 +143,7 @@ class ClassMahalanobis(nn.Module):
         centres, mats = fecam_statistics(
             features.to(dev), labels.to(dev), classes, self.covariance, self.alpha, self.gamma1, self.gamma2
         )
-        self.centres[classes.start : classes.stop] = centres.float()
-        self.precisions[classes.start : classes.stop] = torch.linalg.pinv(mats, hermitian=True).float()
+        self.write(classes, centres=centres, precisions=torch.linalg.pinv(mats, hermitian=True))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distances ``[B, C]`` to every stored class."""

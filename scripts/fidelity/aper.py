@@ -328,7 +328,7 @@ def our_variant(variant: str, inputs: dict[str, Any], backbone_state: dict[str, 
     weight_decay = 0.05 if variant == "finetune" else 5e-4
     scenario = make_scenario(SESSIONS * PER_SESSION, PER_SESSION, PER_SESSION, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-    learner = cls(
+    learner = cls.create(
         our_backbone(backbone_state),
         scenario,
         cpu,

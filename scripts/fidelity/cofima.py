@@ -223,12 +223,12 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
 # ----------------------------------------------------------------------------------- our side
 def our_learner(inputs: Record, **params: Any) -> Any:
     from pilot.data.scenario import make_scenario
-    from pilot.learners.cofima import CoFiMA
     from pilot.runtime import Runtime
 
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-    learner = CoFiMA(cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, **params)
+    from pilot.api import make_learner
+    learner = make_learner("cofima", cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, **params)
     learner.begin_session(scenario.sessions[0])
     learner.begin_session(scenario.sessions[1])
     with torch.no_grad():

@@ -191,13 +191,15 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
 def run_ours(inputs: Record) -> Record:
     from pilot.data.scenario import make_scenario
     from pilot.learners import duct as duct_module
-    from pilot.learners.duct import DUCT
     from pilot.modules.merging import flatten, floating_state, unflatten_
     from pilot.runtime import Runtime
 
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-    learner = DUCT(cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, retrain_epochs=1, new_row_init="zeros")
+    from pilot.api import make_learner
+    learner = make_learner(
+        "duct", cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, retrain_epochs=1, new_row_init="zeros"
+    )
     learner.begin_session(scenario.sessions[0])
     learner.begin_session(scenario.sessions[1])
     learner.train()

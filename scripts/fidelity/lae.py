@@ -366,7 +366,6 @@ def run_ours(inputs: dict[str, Any]) -> Record:
     from functools import partial
 
     from pilot.data.scenario import make_scenario
-    from pilot.learners.lae import LAE
     from pilot.runtime import Runtime
 
     backbone = our_backbone(inputs["vit"])
@@ -375,7 +374,9 @@ def run_ours(inputs: dict[str, Any]) -> Record:
     adam = partial(torch.optim.Adam, lr=0.0028125, weight_decay=0.0)  # exps/lae.json
     results, counts = {}, {}
     for kind in KINDS:
-        learner = LAE(
+        from pilot.api import make_learner
+        learner = make_learner(
+        "lae",
             backbone, scenario, cpu, optimizer=adam, epochs=1, num_freeze_epochs=0, pet=kind, ema_decay=EMA_DECAY,
             offline_from_start=True, freeze_first_session=True,
         )  # fmt: skip
@@ -447,7 +448,6 @@ def device_check(batch: int) -> None:
     from pilot.backbones.backbone import Backbone
     from pilot.data.pipeline import Batch
     from pilot.data.scenario import make_scenario
-    from pilot.learners.lae import LAE
     from pilot.runtime import Runtime
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -469,7 +469,8 @@ def device_check(batch: int) -> None:
             torch.manual_seed(1)
             runtime = Runtime(device, precision=precision, tf32=False, progress=False)
             settings = {"epochs": 1, "num_freeze_epochs": 0, "pet": kind, "offline_from_start": True}
-            learner = LAE(backbone, scenario, runtime, optimizer=adam, **settings)
+            from pilot.api import make_learner
+            learner = make_learner("lae", backbone, scenario, runtime, optimizer=adam, **settings)
             learner.to(device).begin_session(scenario.sessions[0])
             with torch.no_grad():  # a PET away from its initialisation (adapter and LoRA start as the identity)
                 for p in learner.online.parameters():

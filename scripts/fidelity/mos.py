@@ -335,12 +335,14 @@ class FakeSession:
 
 def our_learner(inputs: dict[str, Any], sessions: int, values: dict[str, Any]) -> Any:
     from pilot.data.scenario import make_scenario
-    from pilot.learners.mos import MOS
     from pilot.runtime import make_runtime
 
     runtime = make_runtime(device="cpu", progress=False, channels_last=False)
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT)
-    learner = MOS(cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, adapter_dropout=0.0, ca_epochs=0)
+    from pilot.api import make_learner
+    learner = make_learner(
+        "mos", cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, adapter_dropout=0.0, ca_epochs=0
+    )
     for t in range(sessions):
         learner.begin_session(scenario.sessions[t])
     for t, snapshot in enumerate(values.get("snapshots", [])[:sessions]):

@@ -246,7 +246,8 @@ def our_learner(cls: Any, inputs: dict[str, Any], classes: int, sessions: int, i
 
     scenario = make_scenario(classes * sessions, classes, classes, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-    learner = cls(our_backbone(inputs["vit"]), scenario, cpu, adapter_dropout=0.0, cache_features=False, **kwargs)
+    backbone = our_backbone(inputs["vit"])
+    learner = cls.create(backbone, scenario, cpu, adapter_dropout=0.0, cache_features=False, **kwargs)
     if identity:
         learner.tuned_features = lambda images: images  # the features stand in for the adapted ViT's output
     return learner

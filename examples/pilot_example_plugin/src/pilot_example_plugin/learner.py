@@ -17,13 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, SessionData
-from pilot.data.scenario import Scenario, SessionInfo
-from pilot.learners.base import Learner
-from pilot.modules.features import FeatureCache, extract_features
+from pilot.data.scenario import SessionInfo
+from pilot.learners.base import Learner, LearnerSetup
+from pilot.modules.features import FeatureCache
 from pilot.modules.precision import autocast_off
-from pilot.runtime import Runtime
 from pilot.schema import PositiveFloat, PositiveInt, Seed
 
 
@@ -32,23 +30,19 @@ class RanPACMini(Learner):
 
     def __init__(
         self,
-        backbone: Backbone,
-        scenario: Scenario,
-        runtime: Runtime,
+        setup: LearnerSetup,
+        *,
         projection_dim: PositiveInt = 1000,
         ridge: PositiveFloat = 1.0,
         projection_seed: Seed = 0,
-        batch_size: PositiveInt = 128,
-        eval_batch_size: PositiveInt = 512,
     ) -> None:
-        super().__init__(backbone, scenario, runtime)
+        super().__init__(setup)  # backbone, scenario, runtime; batch_size and eval_batch_size from the YAML
         self.ridge = ridge
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
         self.backbone.freeze()  # frozen: its weights stay out of checkpoints
         generator = torch.Generator().manual_seed(projection_seed)
         # Buffers are in state_dict(), so a resumed run continues with the same P, G, C and W.
-        self.register_buffer("projection", torch.randn(backbone.feature_dim, projection_dim, generator=generator))
+        dim = self.backbone.feature_dim
+        self.register_buffer("projection", torch.randn(dim, projection_dim, generator=generator))
         self.register_buffer("gram", torch.zeros(projection_dim, projection_dim, dtype=torch.float64))
         self.register_buffer("targets", torch.zeros(projection_dim, 0, dtype=torch.float64))
         self.register_buffer("readout", torch.zeros(projection_dim, 0))
@@ -63,8 +57,8 @@ class RanPACMini(Learner):
 
     def end_session(self, session: SessionData) -> None:
         """Add the session's training images to ``G`` and ``C`` (float64), then solve for ``W``."""
-        batches = session.prototype_batches(self.batch_size)  # test transform, no augmentation
-        feats, labels = extract_features(self.backbone, batches, self.runtime, desc=f"ranpac s{session.info.index}")
+        # Training images of the new classes with the test transform, no augmentation.
+        feats, labels = self.class_features(session, self.backbone, self.batch_size, "ranpac")
         h = self._random_features(feats).double()
         self.gram += h.T @ h
         self.targets += h.T @ F.one_hot(labels, self.total).double()
