@@ -247,3 +247,44 @@ def test_a_seed_sweep_computes_each_image_once_and_changes_no_number(tmp_path, m
     assert rows["n"] >= first_rows  # (more: the in-memory cache recomputes batches it holds only in part)
     assert not (tmp_path / "plain" / "feature_cache").exists()
     pd.testing.assert_frame_equal(cached.drop(columns=list(TIMING)), plain.drop(columns=list(TIMING)))
+
+
+@pytest.mark.parametrize("method", ["l2p", "coda"])
+def test_prompt_learners_read_their_test_queries_from_the_store(tmp_path, method):
+    """The query pass of the prompt learners (the frozen ViT's CLS feature) is a frozen function: with a
+    feature source, a second learner reads the first one's test queries instead of running the ViT, and
+    predicts exactly the same logits."""
+    from pilot.api import make_learner
+    from pilot.backbones.factory import create_timm_backbone
+    from pilot.data.datasets import synthetic
+    from pilot.data.pipeline import TEST, DataPipeline
+    from pilot.data.scenario import make_scenario
+    from pilot.data.transforms import ImageTransforms
+
+    def learner_and_batches():
+        torch.manual_seed(0)
+        backbone = create_timm_backbone(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            input_size=32,
+            model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
+        )
+        runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
+        runtime.feature_source = FeatureSource(tmp_path, IDENTITY, 2**30)
+        scenario = make_scenario(4, 2, 2)
+        pipeline = DataPipeline(synthetic(num_classes=4), scenario, ImageTransforms(32), runtime)
+        extra = {"pool_size": 4, "top_k": 2} if method == "l2p" else {"pool_size": 4, "prompt_layers": [0, 1]}
+        learner = make_learner(method, backbone, scenario, runtime, **extra).eval()
+        learner.begin_session(scenario.sessions[0])
+        return learner, runtime, list(pipeline.eval_batches(TEST, range(0, 2), 8))
+
+    first, runtime, batches = learner_and_batches()
+    logits = [first.predict(b) for b in batches]
+    n = sum(len(b) for b in batches)
+    assert (first.queries.hits, first.queries.misses) == (0, n)
+    runtime.flush_feature_stores()  # written at the end of a session (and the counts start again)
+    second, _, batches = learner_and_batches()
+    again = [second.predict(b) for b in batches]
+    assert (second.queries.hits, second.queries.misses) == (n, 0)
+    for a, b in zip(logits, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -32,7 +32,7 @@ from pilot.data.scenario import Scenario, SessionInfo
 from pilot.errors import ConfigError
 from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.classifiers import linear_head
-from pilot.modules.features import FeatureCache
+from pilot.modules.feature_store import FeatureStore
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompt_pools import CodaPromptPool
 from pilot.registry import register_learner
@@ -85,7 +85,7 @@ class CodaPrompt(Learner):
             len(self.layers), int(pool_size), int(prompt_length), self.vit.dim, self.scenario.num_sessions
         )
         self.head = linear_head(self.vit.dim, self.scenario.num_classes, init="torch")  # PyTorch default init (§3.1)
-        self.queries = FeatureCache()
+        self.queries = FeatureStore(self.runtime, "vit/query")  # test queries: per run and across a sweep
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pilot.backbones.prompted_vit import PromptedViT
 from pilot.data.pipeline import Batch, SessionData
 from pilot.learners.base import Learner, LearnerSetup
-from pilot.modules.features import FeatureCache
+from pilot.modules.feature_store import FeatureStore
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompt_pools import PromptPool, vote_aligned_batch_size
 
@@ -35,7 +35,9 @@ class PromptPoolLearner(Learner):
         super().__init__(setup)
         self.backbone.freeze()
         self.vit = PromptedViT(self.backbone.vit, prefix_layers=prefix_layers)
-        self.queries = FeatureCache()  # q(x) of test images: the frozen model never changes
+        # q(x) of test images: the frozen ViT never changes, so they are kept for the run and on disk for the
+        # sweep (modules/feature_store.py; pretrained weights only).
+        self.queries = FeatureStore(self.runtime, "vit/query")
 
     def set_selection(
         self, eval_batch_size: int, vote_batch_size: int, batchwise: bool, batchwise_eval: bool, pull_coeff: float
