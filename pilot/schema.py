@@ -306,14 +306,20 @@ def _own_signature(function: ast.FunctionDef) -> Signature:
         annotation = ast.unparse(arg.annotation) if arg.annotation else None
         params[arg.arg] = Param(arg.arg, _evaluate(annotation) if annotation else Any, _literal(default))
         if annotation in EXPANDED:
-            params.update(signature_of(EXPANDED[annotation]).params)
+            target, keys = EXPANDED[annotation]
+            params.update({k: p for k, p in signature_of(target).params.items() if keys is None or k in keys})
     return Signature(params, open=args.kwarg is not None)
 
 
-EXPANDED = {"LearnerSetup": "pilot.learners.base.Training"}
+EXPANDED: dict[str, tuple[str, frozenset[str] | None]] = {
+    "LearnerSetup": ("pilot.learners.base.Training", None),
+    "InferenceSetup": ("pilot.learners.base.Training", frozenset({"batch_size", "eval_batch_size"})),
+}
 """A parameter annotated with one of these names also takes, as flat keys of the same node, the fields
-of the named dataclass: a learner's ``setup: LearnerSetup`` brings the training-loop settings
-(``method.epochs``, ``method.optimizer``...), which :meth:`pilot.learners.base.Learner.create` sorts out."""
+of the named dataclass (all, or the listed ones): a learner's ``setup: LearnerSetup`` brings the
+training-loop settings (``method.epochs``, ``method.optimizer``...), which
+:meth:`pilot.learners.base.Learner.create` sorts out; a training-free learner's ``setup: InferenceSetup``
+only the batch sizes."""
 
 
 def _is_dataclass(cls: ast.ClassDef) -> bool:
@@ -394,9 +400,12 @@ def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
             is_open = True
         elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
             params[p.name] = Param(p.name, hints.get(p.name, Any), p.default)
-            expanded = EXPANDED.get(getattr(hints.get(p.name), "__name__", ""))
+            # The written name (InferenceSetup is LearnerSetup once imported): the string under postponed annotations.
+            written = p.annotation if isinstance(p.annotation, str) else getattr(hints.get(p.name), "__name__", "")
+            expanded = EXPANDED.get(written)
             if expanded is not None:
-                params.update(signature_of(expanded).params)
+                target, keys = expanded
+                params.update({k: q for k, q in signature_of(target).params.items() if keys is None or k in keys})
     own = Signature(params, open=is_open)
     if not (is_open and isinstance(fn, type)):
         return own

@@ -97,4 +97,4 @@ def test_cnn_backbone_is_refused_by_a_learner_that_needs_a_vit(tmp_path):
 
     cnn = Backbone(timm.create_model("resnet18", pretrained=False, num_classes=0), "resnet18", 32, None, None, False)
     with pytest.raises(IncompatibleBackboneError, match="NeedsViT works on a timm VisionTransformer.*ResNet"):
-        NeedsViT(cnn, make_scenario(4, 2, 2), make_runtime(device="cpu"))
+        NeedsViT.create(cnn, make_scenario(4, 2, 2), make_runtime(device="cpu"))

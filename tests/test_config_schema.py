@@ -18,9 +18,10 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from pilot import schema
+from pilot.api import make_learner
 from pilot.config import INJECTED_ARGS, available_options, validate_config
 from pilot.errors import ConfigError
-from pilot.learners.base import TRAINING_KEYS, Learner, build_learner
+from pilot.learners.base import INFERENCE_KEYS, TRAINING_KEYS, Learner, build_learner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -243,7 +244,7 @@ def test_the_yaml_sets_the_training_settings_a_learner_uses(method):
     node = OmegaConf.to_container(compose_config([f"+method={method}", "dataset=cifar100"]).method, resolve=True)
     cls = get_object(node["_target_"])
     trains = cls.train_session is not Learner.train_session
-    expected = TRAINING_KEYS if trains else {"batch_size", "eval_batch_size"}
+    expected = TRAINING_KEYS if trains else INFERENCE_KEYS
     assert expected <= set(node), f"configs/method/{method}.yaml lacks {sorted(expected - set(node))}"
     assert trains or not ({"optimizer", "scheduler", "epochs"} & set(node))
 
@@ -253,9 +254,11 @@ def test_a_learner_that_trains_refuses_a_missing_optimizer():
     cfg = validated(["+method=l2p", "method.optimizer=null"])  # null is a valid value for the schema...
     with pytest.raises(ConfigError, match=r"method\.optimizer is not set, but L2P trains"):
         build_learner(cfg.method, backbone, scenario, runtime)  # ...the learner refuses it before it is built
-    cfg = validated(["+method=simplecil", "+method.optimizer={_target_: torch.optim.SGD, _partial_: true, lr: 0.1}"])
+    sgd = "{_target_: torch.optim.SGD, _partial_: true, lr: 0.1}"
+    with pytest.raises(ConfigError, match=r"method\.optimizer is not a parameter of .*SimpleCIL"):
+        validated(["+method=simplecil", f"+method.optimizer={sgd}"])  # setup: InferenceSetup takes batch sizes only
     with pytest.raises(ConfigError, match=r"SimpleCIL does not train.*remove method\.optimizer"):
-        build_learner(cfg.method, backbone, scenario, runtime)
+        make_learner("simplecil", backbone, scenario, runtime, optimizer=partial(torch.optim.SGD, lr=0.1))
 
 
 def test_slca_and_ease_defaults_are_the_yaml_schedules():

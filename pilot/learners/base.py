@@ -79,6 +79,7 @@ class Training:
 
 
 TRAINING_KEYS = frozenset(field.name for field in dataclasses.fields(Training))
+INFERENCE_KEYS = frozenset({"batch_size", "eval_batch_size"})  # the Training fields of a training-free learner
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,11 @@ class LearnerSetup:
     scenario: Scenario
     runtime: Runtime
     training: Training = Training()
+
+
+InferenceSetup = LearnerSetup
+"""The annotation of a training-free learner's ``setup`` (SimpleCIL): the same object, but the config schema
+then offers only :data:`INFERENCE_KEYS` of :class:`Training`, so ``method.epochs`` is refused as a typo is."""
 
 
 class CheckedConstruction(ABCMeta):
@@ -119,6 +125,11 @@ def _bind(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | No
     for name, param in inspect.signature(getattr(cls, "__init__")).parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             params.update(params.pop(name, {}))
+    for klass in cls.__mro__[1:]:  # defaults of the base classes' parameters that **kwargs did not carry
+        init = vars(klass).get("__init__")
+        for name, param in inspect.signature(init).parameters.items() if init is not None else ():
+            if param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is not param.empty:
+                params.setdefault(name, param.default)
     return params if isinstance(params.get("setup"), LearnerSetup) else None
 
 

@@ -18,7 +18,7 @@ import torch
 
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import SessionInfo
-from pilot.learners.base import Learner, LearnerSetup
+from pilot.learners.base import InferenceSetup, Learner
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.modules.feature_store import FeatureStore
 from pilot.registry import register_learner
@@ -28,7 +28,7 @@ from pilot.registry import register_learner
 class SimpleCIL(Learner):
     """Cosine nearest-class-mean on frozen pretrained features."""
 
-    def __init__(self, setup: LearnerSetup) -> None:
+    def __init__(self, setup: InferenceSetup) -> None:
         super().__init__(setup)
         self.backbone.freeze()
         # Rows are written, never trained, and sigma stays 1 (docs/methods.md §0.5).
