@@ -221,7 +221,7 @@ PREEMPT_PROBE = '''
 
 @needs_submitit
 def test_a_preempted_slurm_job_is_requeued_and_continues_its_run_dir(tmp_path, reference_three):
-    """A sweep of two runs with the local twin of the SLURM preset; the run with seed 1993 is preempted
+    """A one-run sweep with the local twin of the SLURM preset; the run (seed 1993) is preempted
     (USR2) after writing session 1, so its checkpoint holds session 0 only. submitit calls the launcher's
     checkpoint(), requeues the same job, and the job continues in the same run directory with
     resume=auto. Its sessions.csv must equal that of an uninterrupted run."""
@@ -230,26 +230,22 @@ def test_a_preempted_slurm_job_is_requeued_and_continues_its_run_dir(tmp_path, r
     probe = ["+logger.preempt._target_=preempt_probe.PreemptOnce", f"+logger.preempt.marker={marker}"]
     probe += ["+logger.preempt.seed=1993", "+logger.preempt.session=1"]
     command = [sys.executable, "-m", "pilot.train", "-m", "hydra/launcher=slurm_local", *THREE_SESSIONS, *probe]
-    command += ["seed=1993,7", f"paths.results_dir={results}", "runtime.cpu_threads=1"]
+    command += ["seed=1993", f"paths.results_dir={results}", "runtime.cpu_threads=1"]
     done = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
     (sweep_dir,) = (results / "multirun").iterdir()  # one sweep, the requeued job in its own run dir again
     assert sorted(p.name for p in sweep_dir.iterdir() if not p.name.startswith(".") and p.is_dir()) == [
-        "0_simplecil_synthetic_s1993",
-        "1_simplecil_synthetic_s7",
+        "0_simplecil_synthetic_s1993"
     ]
-    preempted, other = sweep_dir / "0_simplecil_synthetic_s1993", sweep_dir / "1_simplecil_synthetic_s7"
+    preempted = sweep_dir / "0_simplecil_synthetic_s1993"
     assert marker.exists()  # the preemption signal was sent
     logs = "\n".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_log.*"))
     assert "this job is preempted" in logs and "Requeued job" in logs  # submitit's checkpoint-and-requeue path
     assert "Resuming " in (preempted / "train.log").read_text()  # the second attempt continued the first
     assert "sessions 0-0 of 3 are done" in (preempted / "train.log").read_text()
-    assert "Resuming " not in (other / "train.log").read_text()
-    for run_dir in (preempted, other):
-        assert "- resume=auto" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "- resume=auto" in (preempted / ".hydra" / "overrides.yaml").read_text()
     pd.testing.assert_frame_equal(metrics(preempted)[METRICS], metrics(reference_three)[METRICS])
-    assert metrics(other)["session"].tolist() == [0, 1, 2] and set(metrics(other)["seed"]) == {7}
 
 
 # ------------------------------------------------------------------------------- pack launcher
@@ -335,25 +331,25 @@ def test_runs_are_pinned_to_their_gpu_k_at_a_time(tmp_path, monkeypatch):
 
 
 def test_a_packed_sweep_equals_its_runs_made_one_by_one(tmp_path, capsys):
-    """Five runs on one CPU "device", two at a time; the second has a bad value and fails without
+    """Three runs on one CPU "device", two at a time; the second has a bad value and fails without
     stopping the others. Each finished run's sessions.csv names its method and seed, and its A_last
     equals that of the same run made here, alone."""
     sweep_dir = tmp_path / "sweep"
-    overrides = [*FAST, "+method=simplecil", "scenario=b0inc5", "seed=1,oops,2,3,4"]
+    overrides = [*FAST, "+method=simplecil", "scenario=b0inc5", "seed=1,oops,2"]
     status = pack.main(["--devices", "cpu:1", "--per-device", "2", "--sweep-dir", str(sweep_dir), "--", *overrides])
     printed = capsys.readouterr().out
     assert status == 1  # one run failed
 
     with open(sweep_dir / "summary.csv", newline="") as handle:
         summary = list(csv.DictReader(handle))
-    assert [row["rc"] for row in summary] == ["0", "2", "0", "0", "0"]
+    assert [row["rc"] for row in summary] == ["0", "2", "0"]
     assert {row["device"] for row in summary} == {"cpu0"}
     assert "run 1 FAILED on cpu0 (exit status 2): ConfigError: seed=oops is not allowed" in printed
     assert f"log: {sweep_dir / 'logs' / '1.log'}" in printed
     assert "ConfigError: seed=oops is not allowed" in (sweep_dir / "logs" / "1.log").read_text()
-    assert "4 of 5 run(s) succeeded" in printed
+    assert "2 of 3 run(s) succeeded" in printed
 
-    for row, seed in zip([summary[0], *summary[2:]], (1, 2, 3, 4)):
+    for row, seed in zip([summary[0], *summary[2:]], (1, 2)):
         run_dir = Path(row["run_dir"])
         assert run_dir == sweep_dir / f"{row['run']}_simplecil_synthetic_s{seed}"
         sessions = pd.read_csv(run_dir / "sessions.csv")
