@@ -18,9 +18,11 @@ what ``pilot.tables --select-by`` chooses hyperparameters with.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,6 +63,7 @@ from pilot.sinks.base import Sink, epoch_hook
 from pilot.sinks.csv import CsvSink
 
 log = logging.getLogger(__name__)
+MEMORY_FILE = "memory.csv"  # exemplars of a learner with a memory, after the last finished session
 RANDOM_INIT = "random-init"  # weights_hash of a backbone built without pretrained weights
 SUMMARY_COLUMNS = ["session", "n_seen", "acc", "acc_old", "acc_new", "acc_avg", "forgetting", "wall_time_s"]
 
@@ -150,8 +153,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
     model = build_model(cfg, parts)
     learner, evaluator = model.learner, model.evaluator
     provenance["weights_hash"] = model.weights_hash
+    decoder = "device" if model.pipeline.file_decoder is not None else "pil"
     runtime.feature_source = FeatureSource.for_run(
-        cfg, runtime, provenance["data_hash"], model.weights_hash, model.pipeline.transforms
+        cfg, runtime, provenance["data_hash"], model.weights_hash, model.pipeline.transforms, decoder
     )
     provenance["eval_protocol"] = eval_protocol(learner.eval_protocol, scenario.shuffle_test)
     if checkpoint is not None:
@@ -182,6 +186,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, resume: bool, overwrite: bool, p
             for sink in sinks:
                 sink.write(record, matrix_rows)
             if main:
+                _write_memory(run_dir, learner)
                 save_checkpoint(
                     run_dir,
                     {
@@ -259,20 +264,24 @@ def evaluate(
 ) -> dict[str, Any]:
     """Top-1/top-5 of ``learner`` on the ``split`` images (test, or the held-out validation images)
     of every class seen after session ``info``, in batches of ``eval_batch_size``: class-sorted as the
-    reference evaluates, or in a seeded random order with ``scenario.shuffle_test``."""
+    reference evaluates, or in a seeded random order with ``scenario.shuffle_test``. A learner with
+    ``predict_nme`` (an exemplar memory) is also scored by its nearest-mean-of-exemplars logits."""
     evaluator.start_session(info.index)
     batches = pipeline.eval_batches(split, range(0, info.total), learner.eval_batch_size, unit=learner.eval_unit)
     desc = f"eval s{info.index}" if split == TEST else f"{split} s{info.index}"
+    predict_nme = getattr(learner, "predict_nme", None)
     for batch in learner.runtime.progress_bar(batches, desc=desc):
         if len(batch) == 0:  # a data-parallel rank's empty part of a small last batch
             continue
         logits = learner.predict(batch)
-        if logits.shape != (len(batch), info.total):
-            raise RuntimeError(
-                f"{type(learner).__name__}.predict returned shape {tuple(logits.shape)}, "
-                f"expected ({len(batch)}, {info.total})"
-            )
-        evaluator.update(logits.float(), batch.labels)
+        nme = predict_nme(batch) if predict_nme is not None else None  # exemplar-memory learners
+        for name, scores in (("predict", logits), ("predict_nme", nme)):
+            if scores is not None and scores.shape != (len(batch), info.total):
+                raise RuntimeError(
+                    f"{type(learner).__name__}.{name} returned shape {tuple(scores.shape)}, "
+                    f"expected ({len(batch)}, {info.total})"
+                )
+        evaluator.update(logits.float(), batch.labels, nme.float() if nme is not None else None)
     return evaluator.end_session()
 
 
@@ -315,6 +324,23 @@ def _restore(model: RunModel, checkpoint: dict[str, Any], runtime: Runtime) -> l
         model.val_evaluator.load_state_dict(checkpoint["val_evaluator"])
     set_rng_state(checkpoint["rng"])
     return checkpoint["history"]
+
+
+def _write_memory(run_dir: Path, learner: Learner) -> None:
+    """``memory.csv``: the exemplars a learner with a memory keeps after the session (``class``,
+    ``sample_id`` in the training split, ``rank`` in selection order), written atomically."""
+    memory = getattr(learner, "memory", None)
+    if memory is None or not hasattr(memory, "to_rows"):
+        return
+    path = run_dir / MEMORY_FILE
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["class", "sample_id", "rank"])
+        writer.writeheader()
+        writer.writerows(memory.to_rows())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def _clear_previous_results(run_dir: Path) -> None:
@@ -367,6 +393,8 @@ def _final_summary(history: list) -> dict[str, float]:
     }
     if last.get("acc_val", math.nan) == last.get("acc_val"):  # a validation set was held out
         summary.update(acc_val_last=last["acc_val"], acc_val_avg=last["acc_val_avg"])
+    if last.get("acc_nme", math.nan) == last.get("acc_nme"):  # nearest-mean-of-exemplars scores
+        summary.update(acc_nme_last=last["acc_nme"], acc_nme_avg=last["acc_nme_avg"])
     return summary
 
 
@@ -380,6 +408,7 @@ def _session_line(record: dict[str, Any], num_sessions: int) -> str:
         f"old {fmt(record['acc_old'])} | new {fmt(record['acc_new'])} | avg {fmt(record['acc_avg'])} | "
         f"forgetting {fmt(record['forgetting'])} | "
         + (f"val {fmt(record['acc_val'])} | " if record.get("acc_val", math.nan) == record.get("acc_val") else "")
+        + (f"nme {fmt(record['acc_nme'])} | " if record.get("acc_nme", math.nan) == record.get("acc_nme") else "")
         + f"{record['wall_time_s']:.1f}s"
     )
 

@@ -54,6 +54,8 @@ OWN_FILES = (
     "class_order.json",
     "sessions.json",
     "wandb_id.txt",
+    "memory.csv",
+    "memory.csv.tmp",
 )
 OWN_DIRS = ("wandb",)
 # Command-line keys that choose how a run starts; the resume command sets them itself.

@@ -3,6 +3,8 @@
     python scripts/bench.py                                   # every learner, both data kinds, + a whole SimpleCIL run
     python scripts/bench.py --methods l2p,coda --data synthetic --precision fp32
     python scripts/bench.py --methods coda --profile           # where one session's time goes
+    python scripts/bench.py --methods l2p,dualprompt --data synthetic --compile reduce-overhead --warmup-sessions 2
+    python scripts/bench.py --methods simplecil,l2p --data jpeg --gpu-decode on
 
 Per learner (ViT-B/16 with random weights at 224 px, the method's YAML settings and reference
 batch sizes, ``epochs=1``) two sessions of 10 classes run; session 0 is a warm-up (cuDNN
@@ -16,6 +18,12 @@ autotuning, allocator, caches of the first session's test images) and session 1 
 ``feature_ips``  images/s of one frozen-backbone pass over the session's training images (test
                  transform; SimpleCIL's prototype pass)
 ``peak_mem_gb``  peak allocated GPU memory during session 1; ``session_s`` its wall time
+
+``--warmup-sessions W`` (default 1) runs W untimed sessions before the timed one (10 classes each):
+with ``--compile`` a learner's loss recompiles once more in session 1 (its class counts become
+symbolic), so ``--warmup-sessions 2`` times the steady state. ``--compile`` (``runtime.compile``)
+and ``--gpu-decode`` (``runtime.gpu_decode``) are written into the row's ``note``, with any compile
+fallback.
 
 Data: ``synthetic`` = CIFAR-shaped uint8 32x32 images (500 train / 100 test per class, upsampled
 to 224 on the GPU, as CIFAR is); ``jpeg`` = a generated folder of JPEGs of ImageNet-R-like sizes
@@ -139,6 +147,8 @@ def _config(method: str, data: list[str], args: argparse.Namespace) -> DictConfi
             f"runtime.precision={args.precision}",
             f"runtime.num_workers={args.workers}",
             f"runtime.device={args.device}",
+            f"runtime.compile={args.compile}",
+            f"runtime.gpu_decode={args.gpu_decode}",
         ]
     )
     with open_dict(cfg):
@@ -158,9 +168,10 @@ def bench_learner(method: str, data_kind: str, data: list[str], args: argparse.N
     times: dict[str, float] = {}
     train_seconds: list[float] = []
     profiler = None
-    for info in parts.scenario.sessions[:2]:
+    warmup = args.warmup_sessions
+    for info in parts.scenario.sessions[: warmup + 1]:
         session = pipeline.session(info)
-        timed = info.index == 1
+        timed = info.index == warmup
         if timed and args.profile:
             profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]
@@ -193,22 +204,27 @@ def bench_learner(method: str, data_kind: str, data: list[str], args: argparse.N
                 "session": done - start,
                 "peak": runtime.peak_memory_mb() / 1024,
             }
-    info = parts.scenario.sessions[1]
+    info = parts.scenario.sessions[warmup]
     n_train = len(pipeline.indices(TRAIN, info.new_classes))
     n_test = int(evaluator.n[: info.index + 1].sum())
     epochs = int(cfg.method.get("epochs", 0))
     note = ""
     # Learners that train in session 0 only (APER, RanPAC, FeCAM): session 1 has no training to time,
     # so the training rate comes from session 0 (which includes the warm-up) and fit_ips is left empty.
-    first_session_only = epochs > 0 and train_seconds[1] < 0.02 * train_seconds[0]
+    first_session_only = epochs > 0 and train_seconds[warmup] < 0.02 * train_seconds[0]
     if first_session_only:
         n_train0 = len(pipeline.indices(TRAIN, parts.scenario.sessions[0].new_classes))
         times["train"] = train_seconds[0] * n_train / n_train0
         note = "trains in session 0 only: train_ips timed there (incl. warm-up); fit_ips n/a"
     feature_ips = _feature_pass(learner, pipeline.session(info), runtime, n_train)
+    settings = [f"compile={args.compile}"] if args.compile != "off" else []
+    settings += [f"gpu_decode={args.gpu_decode}"] if data_kind == "jpeg" else []
+    settings += [f"warmup_sessions={warmup}"] if warmup != 1 else []
+    settings += [f"compile fallback: {reason}" for reason in runtime.compile_failures.values()]
+    note = "; ".join([note, *settings]) if note else "; ".join(settings)
     if profiler is not None:
         sort = "cuda_time_total" if runtime.is_cuda else "cpu_time_total"
-        print(f"\n=== profile of {method} session 1 ({data_kind}) ===")
+        print(f"\n=== profile of {method} session {warmup} ({data_kind}) ===")
         print(profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows))
         if args.profile_trace:
             profiler.export_chrome_trace(str(Path(args.profile_trace) / f"trace_{method}_{data_kind}.json"))
@@ -424,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         help="measure nothing: estimate a paper table's time (--methods x --seeds on --table-dataset) from --out",
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--compile", default="off", choices=["off", "default", "reduce-overhead"], help="runtime.compile"
+    )
+    parser.add_argument("--gpu-decode", default="auto", choices=["auto", "on", "off"], help="runtime.gpu_decode")
+    parser.add_argument(
+        "--warmup-sessions", type=int, default=1, help="untimed sessions before the timed one (10 classes each)"
+    )
     parser.add_argument("--table-dataset", default="cifar100")
     args = parser.parse_args(argv)
     if args.table:
@@ -435,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"estimated paper table: {table['total_s'].sum() / 60:.1f} min (rates measured on {devices})")
         return 0
 
-    classes, per_train, per_test = (4, 16, 8) if args.tiny else (20, 500, 100)
+    per_session = 2 if args.tiny else 10
+    classes, per_train, per_test = per_session * (args.warmup_sessions + 1), *((16, 8) if args.tiny else (500, 100))
     sources = {
         "synthetic": lambda: [
             "dataset=synthetic",
@@ -443,14 +467,14 @@ def main(argv: list[str] | None = None) -> int:
             f"dataset.train_per_class={per_train}",
             f"dataset.test_per_class={per_test}",
             "dataset.image_size=32",
-            f"scenario.init_cls={classes // 2}",
-            f"scenario.increment={classes // 2}",
+            f"scenario.init_cls={per_session}",
+            f"scenario.increment={per_session}",
         ],
         "jpeg": lambda: [
             "dataset=image_folder",
             f"dataset.root={make_jpeg_folder(Path(args.jpeg_dir), classes, per_train, per_test)}",
-            f"scenario.init_cls={classes // 2}",
-            f"scenario.increment={classes // 2}",
+            f"scenario.init_cls={per_session}",
+            f"scenario.increment={per_session}",
         ],
     }
     env = environment()

@@ -671,6 +671,7 @@ def our_dualprompt(inputs: dict[str, Any], backbone: Any, reference_layout: bool
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
     adam = partial(torch.optim.Adam, lr=1e-3)
     from pilot.api import make_learner
+
     learner = make_learner(
         "dualprompt", backbone, scenario, cpu, optimizer=adam, reference_prefix_layout=reference_layout
     )
@@ -746,6 +747,7 @@ def our_coda(inputs: dict[str, Any], backbone: Any) -> tuple[dict[str, Record], 
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
     from pilot.api import make_learner
+
     learner = make_learner(
         "coda", backbone, scenario, cpu, optimizer=partial(torch.optim.Adam, lr=1e-3), scheduler=None
     )

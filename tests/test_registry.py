@@ -36,6 +36,7 @@ PLUGIN_DIR = ROOT / "examples" / "pilot_example_plugin"
 PLUGIN_METHOD = "ranpac_mini"
 APER = {"aper_adapter", "aper_ssf", "aper_vpt_shallow", "aper_vpt_deep", "aper_finetune"}  # one module, five names
 BUILTIN = {"simplecil", "l2p", "dualprompt", "coda", "ease", "slca", "ranpac", "fecam", "mos", "lae", "cofima", "duct"}
+BUILTIN |= {"finetune", "icarl", "der", "memo", "foster", "coil", "dgr"}
 BUILTIN |= APER
 # Two sessions of two classes on the tiny ViT and synthetic images.
 TWO_SESSIONS = ["dataset.num_classes=4", "scenario=b0inc2"]

@@ -2,7 +2,9 @@
 
 In-memory datasets are indexed directly (moved to the device once when ``runtime.data_on_device``)
 and transformed in whole batches on the device; image files are decoded and cropped by loader
-workers into uint8 tensors (pinned, persistent workers) and finished on the device.
+workers into uint8 tensors (pinned, persistent workers) and finished on the device, or, with
+``runtime.gpu_decode``, only read by the workers and decoded and cropped on the device
+(:mod:`pilot.data.gpu_decode`).
 
 Three splits: ``train`` (what learners train and compute prototypes on), ``val`` (the training images
 held out by ``scenario.val_fraction``, never shown to a learner's training or prototype passes) and
@@ -22,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from pilot import distributed
+from pilot.data.gpu_decode import file_decoder
 from pilot.data.images import ArrayImages, ClassificationData, FileImages
 from pilot.data.scenario import Scenario, SessionInfo
 from pilot.data.transforms import ImageTransforms
@@ -202,39 +205,51 @@ class BatchStream:
             local = ids[part]
             yield Batch(raw, p.finish(transform), labels[local], local, self.split, self.augment, len(labels), len(ids))
 
+    def _file_dataset(self, images: FileImages, indices: np.ndarray) -> Dataset:
+        """What loader workers do: decode and crop with PIL, or only read the files (``pipeline.file_decoder``)."""
+        p = self.pipeline
+        if p.file_decoder is not None:
+            return p.file_decoder.dataset(images, indices)
+        return _DecodedFiles(images, indices, p.transforms.train_pil() if self.augment else p.transforms.test_pil())
+
     def _iter_files(self, images: FileImages) -> Iterator[Batch]:
         p = self.pipeline
+        decoder = p.file_decoder
         if self._loader is None:
-            transform = p.transforms.train_pil() if self.augment else p.transforms.test_pil()
             workers = p.runtime.num_workers
             self._loader = DataLoader(
-                _DecodedFiles(images, self.indices, transform),
+                self._file_dataset(images, self.indices),
                 batch_size=self.batch_size,
                 shuffle=self.shuffle,
                 drop_last=self.drop_last,
+                collate_fn=decoder.collate if decoder is not None else None,
                 num_workers=workers,
                 pin_memory=p.runtime.is_cuda,
                 persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
             )
         labels = p.device_labels(self.split)
+        prepare = p.finish(decoder.prepare(self.augment) if decoder is not None else p.transforms.finish)
         for pixels, ids in self._loader:
-            pixels = pixels.to(p.runtime.device, non_blocking=True)
+            if decoder is None:  # else a FileBatch of bytes, decoded on the device by ``prepare``
+                pixels = pixels.to(p.runtime.device, non_blocking=True)
             ids = ids.to(p.runtime.device, non_blocking=True)
-            yield Batch(pixels, p.finish(p.transforms.finish), labels[ids], ids, self.split, self.augment, len(labels))
+            yield Batch(pixels, prepare, labels[ids], ids, self.split, self.augment, len(labels))
 
     def _iter_files_sharded(self, images: FileImages) -> Iterator[Batch]:
         """Image files in a data-parallel run: every rank plans the epoch's global batches from the shared
         RNG stream and decodes only its part of each. Augmentations (drawn in loader workers) are not
-        the ones a one-process run draws for the same samples, only drawn the same way."""
+        the ones a one-process run draws for the same samples, only drawn the same way; the device
+        decoder draws them for the whole global batch from the shared stream and keeps the rank's part."""
         p = self.pipeline
+        decoder = p.file_decoder
         if self._loader is None:
-            transform = p.transforms.train_pil() if self.augment else p.transforms.test_pil()
             workers = p.runtime.num_workers
             self._plan = _RankBatches()
             self._loader = DataLoader(
-                _DecodedFiles(images, np.arange(len(images.paths)), transform),
+                self._file_dataset(images, np.arange(len(images.paths))),
                 batch_sampler=self._plan,
+                collate_fn=decoder.collate if decoder is not None else None,
                 num_workers=workers,
                 pin_memory=p.runtime.is_cuda,
                 persistent_workers=workers > 0,
@@ -247,19 +262,23 @@ class BatchStream:
         parts = [b[distributed.shard(len(b), self.unit)] for b in batches]
         self._plan.batches = [part.tolist() for part in parts if len(part)]
         labels = p.device_labels(self.split)
-        loaded: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(self._loader) if self._plan.batches else iter(())
+        loaded: Iterator[tuple[Any, torch.Tensor]] = iter(self._loader) if self._plan.batches else iter(())
         for batch, part in zip(batches, parts):
+            prepare: Callable[[Any], torch.Tensor] = p.transforms.finish
             if len(part) == 0:
                 ids = torch.zeros(0, dtype=torch.long, device=p.runtime.device)
                 size = p.transforms.size
                 pixels = torch.zeros(0, 3, size, size, dtype=torch.uint8, device=p.runtime.device)
             else:
                 pixels, ids = next(loaded)
-                pixels = pixels.to(p.runtime.device, non_blocking=True)
+                if decoder is None:
+                    pixels = pixels.to(p.runtime.device, non_blocking=True)
+                else:  # augmentation drawn for the global batch, this rank's part kept
+                    prepare = decoder.prepare(self.augment, len(batch), distributed.shard(len(batch), self.unit))
                 ids = ids.to(p.runtime.device, non_blocking=True)
             yield Batch(
                 pixels,
-                p.finish(p.transforms.finish),
+                p.finish(prepare),
                 labels[ids],
                 ids,
                 self.split,
@@ -304,6 +323,19 @@ class SessionData:
             batch_size *= distributed.world_size()
         return self.pipeline.batches(TRAIN, self.info.new_classes, batch_size, augment, shuffle, drop_last)
 
+    def replay_batches(self, batch_size: int, memory_ids: np.ndarray) -> BatchStream:
+        """:meth:`train_batches` (train transform, shuffled) over the new classes' training images followed
+        by the training-split samples ``memory_ids`` (an exemplar memory)."""
+        if self.pipeline.runtime.scale_batch:
+            batch_size *= distributed.world_size()
+        ids = np.concatenate([self.pipeline.indices(TRAIN, self.info.new_classes), np.asarray(memory_ids, np.int64)])
+        return BatchStream(self.pipeline, TRAIN, ids, batch_size, augment=True, shuffle=True, drop_last=False)
+
+    def sample_batches(self, ids: np.ndarray, batch_size: int) -> BatchStream:
+        """Training-split samples ``ids`` in that order, with the test transform (feature passes)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return BatchStream(self.pipeline, TRAIN, ids, batch_size, augment=False, shuffle=False, drop_last=False)
+
     def prototype_batches(self, batch_size: int) -> BatchStream:
         """Training images of the new classes with the test transform, class-sorted (prototype passes)."""
         return self.pipeline.batches(TRAIN, self.info.new_classes, batch_size, augment=False, shuffle=False)
@@ -325,6 +357,7 @@ class DataPipeline:
     ) -> None:
         self.data, self.scenario, self.transforms, self.runtime = data, scenario, transforms, runtime
         self.seed = int(seed)
+        self.file_decoder = file_decoder(data, transforms, runtime)  # None: loader workers decode (PIL)
         train_labels = scenario.remap(data.train.labels)
         self._labels = {TRAIN: train_labels, VAL: train_labels, TEST: scenario.remap(data.test.labels)}
         held_out = holdout_mask(data.train.labels, scenario.val_fraction, self.seed)

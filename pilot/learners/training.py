@@ -59,9 +59,15 @@ def train_epochs(
     part of a global batch; the gradients of the parts are combined into the global batch's before the
     step (weighted by each part's share), and the reported loss is the global batch's. Other batches
     (alignment's sampled features) are the same on every rank and need no combining.
+
+    ``runtime.compile`` (``default``, ``reduce-overhead``) runs ``loss_fn`` compiled (:meth:`Runtime.compiled`,
+    eager where compiling fails); a :class:`Batch`'s images are then prepared (decoded, augmented) eagerly
+    before the call, so the augmentation draws the same random numbers as an eager step.
     """
     hook = on_epoch if on_epoch is not None else getattr(runtime, "on_epoch", None)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    compiled = getattr(runtime, "compile", "off") != "off"
+    step_loss = runtime.compiled(loss_fn) if compiled else loss_fn
     losses = []
     for epoch in range(epochs):
         lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else float("nan")
@@ -70,11 +76,13 @@ def train_epochs(
         stream = batches(epoch) if callable(batches) else batches
         for batch in runtime.progress_bar(stream, desc=f"{desc} {epoch + 1}/{epochs}"):
             share = batch.share if isinstance(batch, Batch) and distributed.active() else None
-            if share is not None:
-                batch.images  # augment the global batch from the shared RNG stream before the rank's own draws
+            if share is not None or (compiled and isinstance(batch, Batch)):
+                # Augmented now: data-parallel, from the shared RNG stream before the rank's own draws;
+                # compiled, eagerly (outside the graph, on the eager RNG)
+                batch.images
             with distributed.rank_rng(runtime.device) if share is not None else contextlib.nullcontext():
                 with runtime.autocast():
-                    loss = loss_fn(batch)
+                    loss = step_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             if share is not None:

@@ -119,10 +119,12 @@ class FeatureSource:
         data_hash: str | None,
         weights_hash: str | None,
         transforms: ImageTransforms,
+        decoder: str = "pil",
     ) -> FeatureSource | None:
         """The source of a run (None, logged, when ``runtime.feature_cache`` is off or the weights or
         the data have no stable identity). Directory: ``runtime.feature_cache_dir``, else
-        ``<paths.results_dir>/feature_cache``."""
+        ``<paths.results_dir>/feature_cache``. ``decoder``: who decodes image files (``pil`` or ``device``),
+        which changes their pixels by a grey level or two."""
         if not runtime.feature_cache:
             return None
         if not weights_hash or weights_hash in UNSTABLE_WEIGHTS:  # random init: tests, baselines
@@ -138,6 +140,7 @@ class FeatureSource:
             "backbone": backbone,
             "data": data_hash,
             "transform": describe_transform(transforms),
+            "decoder": decoder,  # image files: PIL in loader workers, or decode_jpeg on the device (gpu_decode)
             **device_numerics(runtime),
         }
         return cls(Path(root).expanduser(), identity, int(runtime.feature_cache_gb * 2**30))

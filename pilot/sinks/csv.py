@@ -2,9 +2,10 @@
 matrix in long form) and ``epochs.csv`` (each training epoch's mean loss and learning rate). Rows are
 appended, flushed and fsynced as each session ends.
 
-Columns added after the first release come last (``acc_val``, ``acc_val_avg`` and the run's
-``data_hash``, ``weights_hash``, ``eval_protocol``), so older files are a prefix of today's layout;
-``pilot.tables`` reads files with or without them (a missing or empty value is unknown)."""
+Columns added after the first release come last (``acc_val``, ``acc_val_avg``, the run's
+``data_hash``, ``weights_hash``, ``eval_protocol``, then ``acc_nme``, ``acc_nme_avg``; ``matrix.csv``:
+``acc_nme``), so older files are a prefix of today's layout; ``pilot.tables`` reads files with or
+without them (a missing or empty value is unknown)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ SESSION_COLUMNS = RUN_COLUMNS + [
     "acc_val",  # top-1 on the held-out validation images of the seen classes (empty without scenario.val_fraction)
     "acc_val_avg",  # mean of acc_val over the sessions so far
     *RUN_EXTRA_COLUMNS,
+    "acc_nme",  # nearest-mean-of-exemplars top-1 on the seen classes (empty for learners without a memory)
+    "acc_nme_avg",  # mean of acc_nme over the sessions so far
 ]
-MATRIX_COLUMNS = RUN_COLUMNS + ["session", "block", "acc", "n_test", *RUN_EXTRA_COLUMNS]
+MATRIX_COLUMNS = RUN_COLUMNS + ["session", "block", "acc", "n_test", *RUN_EXTRA_COLUMNS, "acc_nme"]
 # One row per training epoch: ``epoch`` counts a session's epochs over all of its training loops
 # (e.g. SLCA's fine-tuning, then its classifier alignment), from 0.
 EPOCH_COLUMNS = ["run_id", "method", "session", "epoch", "loss", "lr"]

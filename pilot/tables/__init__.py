@@ -12,7 +12,14 @@ seeds. Rows are methods, columns are settings (dataset × backbone × scenario) 
 * ``acc_avg``  = Ā, the average incremental accuracy (``acc_avg`` of the last session),
 * ``acc_last`` = A_last, the top-1 after the last session (``acc`` of the last session),
 * ``forgetting``, ``bwt``, ``acc_top5`` (last session), ``time`` (``elapsed_s`` of the last session,
-  in minutes), ``memory`` (peak GPU memory over sessions, GB), ``params`` (trainable, millions).
+  in minutes), ``memory`` (peak GPU memory over sessions, GB), ``params`` (trainable, millions);
+* ``acc_nme_avg``, ``acc_nme``: Ā and A_last of nearest-mean-of-exemplars classification (learners with
+  an exemplar memory, as LAMDA-PILOT reports NME beside the classifier); added to the default metrics
+  when a tabulated run has them, empty (—) for learners without a memory.
+
+When a tabulated run keeps exemplars, each setting also gets a ``memory`` column: the run's exemplar
+memory from its ``config.yaml`` (``2000``: ``method.memory_size`` shared by the seen classes;
+``20/class``: ``method.fixed_memory`` with ``method.memory_per_class``; — without a memory).
 
 Groups with the same method/dataset/backbone/scenario labels but a different configuration (a
 learning-rate sweep, ...) are never merged: each becomes its own row, labelled with the config
@@ -62,6 +69,7 @@ from pilot.tables.results import (
     MATRIX_FILE,
     METHOD_ORDER,
     METRICS,
+    NME_METRICS,
     ROW,
     SESSIONS_FILE,
     SETTING,
@@ -73,8 +81,10 @@ from pilot.tables.results import (
     assign_variants,
     check_groups,
     check_sessions,
+    default_metrics,
     find_run_dirs,
     load_results,
+    memory_label,
     read_run,
     select,
     summarize,
@@ -92,6 +102,9 @@ __all__ = [
     "Metric",
     "METRICS",
     "DEFAULT_METRICS",
+    "NME_METRICS",
+    "default_metrics",
+    "memory_label",
     "TablesError",
     "TablesWarning",
     "find_run_dirs",

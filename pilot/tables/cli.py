@@ -30,12 +30,14 @@ from pilot.tables.render import _row_label, to_latex, to_markdown
 from pilot.tables.results import (
     DEFAULT_METRICS,
     METRICS,
+    NME_METRICS,
     ROW,
     SELECT_CRITERIA,
     SETTING,
     Results,
     Selection,
     TablesError,
+    default_metrics,
     load_results,
     select,
     select_by,
@@ -62,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenarios", help="comma list of scenarios to keep (e.g. B0Inc10,B0Inc20), in this order")
     parser.add_argument(
         "--metrics",
-        default=",".join(DEFAULT_METRICS),
-        help=f"comma list of {', '.join(METRICS)} (default: %(default)s)",
+        help=f"comma list of {', '.join(METRICS)} (default: {','.join(DEFAULT_METRICS)}, and "
+        f"{','.join(NME_METRICS)} when a run has nearest-mean-of-exemplars scores)",
     )
     parser.add_argument("--digits", type=int, default=2, help="decimals shown (default: %(default)s)")
     parser.add_argument(
@@ -118,12 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if not args.results:
         return _heatmaps_only(args.heatmap, Path(args.out) if args.out else Path(args.heatmap[0]) / "tables")
-    metrics = _list(args.metrics) or DEFAULT_METRICS
-    unknown = [m for m in metrics if m not in METRICS]
+    requested = _list(args.metrics)
+    unknown = [m for m in requested or [] if m not in METRICS]
     if unknown:
         raise TablesError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     out_dir = Path(args.out) if args.out else Path(args.results[0]) / "tables"
     results = load_results(args.results, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    metrics = requested or default_metrics(results.runs)
     notes: list[str] = []
     selections: list[Selection] = []
     if args.select_by:
@@ -143,7 +146,7 @@ def _main(args: argparse.Namespace) -> int:
         else pd.DataFrame(
             columns=ROW
             + SETTING
-            + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs", "eval_protocol"]
+            + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs", "eval_protocol", "memory"]
         )
     )
     if args.select_by:  # which rows were chosen, and by what (table.csv)

@@ -2,7 +2,8 @@
 
 Both writers lay the cells out on one grid (``_Grid``): a row per method and variant, per setting a
 column per metric (with published value and difference columns when compared) and the number of
-seeds; the best mean per column is set in bold. ``to_markdown`` writes a pipe table with a caption
+seeds (and, when a run keeps exemplars, its memory size: ``2000`` in total or ``20/class``); the best
+mean per column is set in bold. ``to_markdown`` writes a pipe table with a caption
 line, ``to_latex`` a booktabs table with pretty labels (``PRETTY``) and escaped text.
 
 A cell whose runs' predictions depended on the test batch carries a mark (``†`` on class-sorted test
@@ -21,6 +22,13 @@ import pandas as pd
 from pilot.tables.results import METRICS, PROTOCOL_NOTES, ROW, SETTING, protocol_mark
 
 PRETTY = {  # LaTeX only; Markdown and CSV keep pilot's labels (what you type on the command line)
+    "finetune": "Finetune",
+    "icarl": "iCaRL",
+    "coil": "COIL",
+    "der": "DER",
+    "foster": "FOSTER",
+    "memo": "MEMO",
+    "dgr": "DGR",
     "simplecil": "SimpleCIL",
     "l2p": "L2P",
     "dualprompt": "DualPrompt",
@@ -130,6 +138,7 @@ def _grid(cells: pd.DataFrame, digits: int, latex: bool) -> _Grid:
     empty = "--" if latex else "—"
     index = {tuple(r[k] for k in ROW + SETTING + ["metric"]): r for r in cells.to_dict("records")}
     seeds = cells.groupby(ROW + SETTING)["n"].max().to_dict()
+    memory = _memory_labels(cells)
     header: list[str] = []
     spans: list[tuple[tuple[Any, ...], int, int]] = []
     for setting in settings:
@@ -139,6 +148,8 @@ def _grid(cells: pd.DataFrame, digits: int, latex: bool) -> _Grid:
             header.append(label)
             if setting + (metric,) in compared:
                 header += ["pub." if latex else f"{label} pub.", r"$\Delta$" if latex else f"{label} Δ"]
+        if memory:
+            header.append("mem." if latex else "memory")
         header.append("$n$" if latex else "n")
         spans.append((setting, start, len(header)))
     body = []
@@ -163,10 +174,22 @@ def _grid(cells: pd.DataFrame, digits: int, latex: bool) -> _Grid:
                 if setting + (metric,) in compared:
                     line.append((cell is not None and _fmt(cell["published"], digits)) or empty)
                     line.append((cell is not None and _fmt(cell["diff"], digits, signed=True)) or empty)
+            if memory:
+                label = memory.get((method, variant, *setting)) or ""
+                line.append((_tex(label) if latex else label) or empty)
             n = seeds.get((method, variant, *setting))
             line.append(str(n) if n else empty)
         body.append(line)
     return _Grid(rows, spans, varying, header, body)
+
+
+def _memory_labels(cells: pd.DataFrame) -> dict[tuple, str]:
+    """Per (method, variant, setting) the exemplar memory of its runs (``2000``, ``20/class``; "" without
+    one); empty when no run in the table has a memory, and the column is then left out."""
+    if "memory" not in cells.columns or not cells["memory"].fillna("").astype(str).str.len().any():
+        return {}
+    labels = cells.assign(memory=cells["memory"].fillna("").astype(str)).groupby(ROW + SETTING)["memory"].first()
+    return labels.to_dict()
 
 
 def _setting_label(setting: tuple, dims: Sequence[str], pretty: bool = False) -> str:
@@ -202,6 +225,8 @@ def to_markdown(cells: pd.DataFrame, digits: int = 2, notes: Sequence[str] = ())
     constant = [d for d in SETTING if d not in varying]
     caption = "  ·  ".join(f"{d} {settings[0][SETTING.index(d)]}" for d in constant)
     note = "mean ± sample std (ddof=1) over seeds; no ± with one seed; n = seeds; best mean per column in bold"
+    if _memory_labels(cells):
+        note += "; memory = exemplars kept (a total, or per class; — without a memory)"
     if "published" in cells.columns:
         note += "; pub. = published value (first match in the published file), Δ = ours − published"
     head = (f"Setting: {caption}\n" if caption else "") + f"({note})\n\n"
@@ -249,6 +274,8 @@ def to_latex(
     constant = [d for d in SETTING if d not in dims]
     if caption is None:
         caption = r"Mean $\pm$ sample std over seeds ($n$ seeds); best mean per column in bold."
+        if _memory_labels(cells):
+            caption += " mem.: exemplars kept (a total, or per class)."
         if "published" in cells.columns:
             caption += r" pub.: published value; $\Delta$ = ours $-$ published."
         if constant:

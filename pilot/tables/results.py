@@ -101,6 +101,13 @@ SETTING = ["dataset", "backbone", "scenario"]
 ROW = ["method", "variant"]
 # Known methods first, in this order; any other method follows alphabetically.
 METHOD_ORDER = [
+    "finetune",  # the classic learners on the same backbone (LAMDA-PILOT's baselines) first
+    "icarl",
+    "coil",
+    "der",
+    "foster",
+    "memo",
+    "dgr",
     "simplecil",
     "l2p",
     "dualprompt",
@@ -137,6 +144,7 @@ _INTEGER_COLUMNS = {
 }
 _BOUNDS = {  # inclusive (low, high); None = unbounded
     **{c: (0.0, 100.0) for c in ("acc", "acc_top5", "acc_old", "acc_new", "acc_avg", "acc_val", "acc_val_avg")},
+    **{c: (0.0, 100.0) for c in ("acc_nme", "acc_nme_avg")},
     **{c: (-100.0, 100.0) for c in ("forgetting", "bwt")},
     **{c: (0.0, None) for c in ("train_time_s", "eval_time_s", "wall_time_s", "elapsed_s", "peak_mem_mb")},
     **{c: (0.0, None) for c in ("session", "n_new", "n_test", "params_total", "params_trainable")},
@@ -171,7 +179,11 @@ METRICS = {
     "params": Metric("params_trainable", "params [M]", r"params [M]", "M", None, 1e-6),
     "acc_val": Metric("acc_val", "A_val", r"$A^\mathrm{val}_\mathrm{last}$", "%", True),
     "acc_val_avg": Metric("acc_val_avg", "Ā_val", r"$\bar{A}^\mathrm{val}$", "%", True),
+    # Nearest-mean-of-exemplars classification (learners with an exemplar memory; LAMDA-PILOT's NME curve).
+    "acc_nme_avg": Metric("acc_nme_avg", "Ā NME", r"$\bar{A}^\mathrm{NME}$", "%", True),
+    "acc_nme": Metric("acc_nme", "A_last NME", r"$A^\mathrm{NME}_\mathrm{last}$", "%", True),
 }
+NME_METRICS = ["acc_nme_avg", "acc_nme"]  # added to the default metrics when a tabulated run has NME scores
 SELECT_CRITERIA = ("acc_val", "acc_val_avg")  # metrics --select-by may choose sweep points with
 DEFAULT_METRICS = ["acc_avg", "acc_last"]
 
@@ -242,7 +254,7 @@ MATRIX_SPEC = CsvSpec(
     MATRIX_FILE,
     MATRIX_COLUMNS,
     ["session", "block", "acc"],
-    {**{c: _BOUNDS[c] for c in ("seed", "num_sessions", "session", "acc", "n_test")}, "block": (0.0, None)},
+    {**{c: _BOUNDS[c] for c in ("seed", "num_sessions", "session", "acc", "n_test", "acc_nme")}, "block": (0.0, None)},
     frozenset({"acc"}),  # a block without test images has no accuracy
 )
 Record = tuple[int, dict[str, Any], tuple[str, ...]]  # line number, parsed values, the stripped fields
@@ -816,9 +828,36 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     )
     cells["unit"] = cells["metric"].map(lambda m: METRICS[m].unit)
     cells["eval_protocol"] = cells["group_id"].map(_group_protocols(runs))
+    cells["memory"] = cells["group_id"].map(_group_memory(runs)).fillna("")
     return cells[
-        ROW + SETTING + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs", "eval_protocol"]
+        ROW
+        + SETTING
+        + ["metric", "unit", "mean", "std", "n", "seeds", "group_id", "run_dirs", "eval_protocol", "memory"]
     ]
+
+
+def memory_label(config: Any) -> str:
+    """The exemplar memory a run's flattened config describes: ``"2000"`` (``method.memory_size``, a total
+    shared by the seen classes), ``"20/class"`` (``method.fixed_memory`` with ``method.memory_per_class``),
+    ``""`` for a learner without a memory (none of the keys)."""
+    if not isinstance(config, dict) or "method.memory_size" not in config and "method.fixed_memory" not in config:
+        return ""
+    if str(config.get("method.fixed_memory")).lower() == "true":
+        return f"{config.get('method.memory_per_class', '?')}/class"
+    return str(config.get("method.memory_size", "?"))
+
+
+def _group_memory(runs: pd.DataFrame) -> dict[str, str]:
+    """Per group, the memory label of its runs' config (they share it: the config is in group_id)."""
+    if "config" not in runs:
+        return {}
+    return {group_id: memory_label(configs.iloc[0]) for group_id, configs in runs.groupby("group_id")["config"]}
+
+
+def default_metrics(runs: pd.DataFrame) -> list[str]:
+    """:data:`DEFAULT_METRICS`, and the NME metrics when a run has nearest-mean-of-exemplars scores."""
+    has_nme = any(m in runs and runs[m].notna().any() for m in NME_METRICS)
+    return DEFAULT_METRICS + (NME_METRICS if has_nme else [])
 
 
 def _group_protocols(runs: pd.DataFrame) -> dict[str, str]:

@@ -228,6 +228,7 @@ def our_learner(inputs: Record, **params: Any) -> Any:
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
     from pilot.api import make_learner
+
     learner = make_learner("cofima", cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, **params)
     learner.begin_session(scenario.sessions[0])
     learner.begin_session(scenario.sessions[1])

@@ -197,6 +197,7 @@ def run_ours(inputs: Record) -> Record:
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
     from pilot.api import make_learner
+
     learner = make_learner(
         "duct", cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, retrain_epochs=1, new_row_init="zeros"
     )

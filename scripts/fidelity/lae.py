@@ -375,6 +375,7 @@ def run_ours(inputs: dict[str, Any]) -> Record:
     results, counts = {}, {}
     for kind in KINDS:
         from pilot.api import make_learner
+
         learner = make_learner(
         "lae",
             backbone, scenario, cpu, optimizer=adam, epochs=1, num_freeze_epochs=0, pet=kind, ema_decay=EMA_DECAY,
@@ -470,6 +471,7 @@ def device_check(batch: int) -> None:
             runtime = Runtime(device, precision=precision, tf32=False, progress=False)
             settings = {"epochs": 1, "num_freeze_epochs": 0, "pet": kind, "offline_from_start": True}
             from pilot.api import make_learner
+
             learner = make_learner("lae", backbone, scenario, runtime, optimizer=adam, **settings)
             learner.to(device).begin_session(scenario.sessions[0])
             with torch.no_grad():  # a PET away from its initialisation (adapter and LoRA start as the identity)

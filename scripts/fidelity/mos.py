@@ -340,6 +340,7 @@ def our_learner(inputs: dict[str, Any], sessions: int, values: dict[str, Any]) -
     runtime = make_runtime(device="cpu", progress=False, channels_last=False)
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT)
     from pilot.api import make_learner
+
     learner = make_learner(
         "mos", cwp.our_backbone(inputs["vit"]), scenario, runtime, epochs=1, adapter_dropout=0.0, ca_epochs=0
     )
