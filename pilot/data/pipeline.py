@@ -205,28 +205,33 @@ class BatchStream:
             local = ids[part]
             yield Batch(raw, p.finish(transform), labels[local], local, self.split, self.augment, len(labels), len(ids))
 
-    def _file_dataset(self, images: FileImages, indices: np.ndarray) -> Dataset:
-        """What loader workers do: decode and crop with PIL, or only read the files (``pipeline.file_decoder``)."""
+    def _file_loader(self, images: FileImages, indices: np.ndarray, **sampling: Any) -> DataLoader:
+        """Loader workers over ``images[indices]``: they decode and crop with PIL, or only read the files
+        (``pipeline.file_decoder``). ``sampling``: ``batch_size``/``shuffle``/``drop_last``, or ``batch_sampler``."""
         p = self.pipeline
-        if p.file_decoder is not None:
-            return p.file_decoder.dataset(images, indices)
-        return _DecodedFiles(images, indices, p.transforms.train_pil() if self.augment else p.transforms.test_pil())
+        decoder, workers = p.file_decoder, p.runtime.num_workers
+        if decoder is not None:
+            dataset: Dataset = decoder.dataset(images, indices)
+        else:
+            dataset = _DecodedFiles(
+                images, indices, p.transforms.train_pil() if self.augment else p.transforms.test_pil()
+            )
+        return DataLoader(
+            dataset,
+            collate_fn=decoder.collate if decoder is not None else None,
+            num_workers=workers,
+            pin_memory=p.runtime.is_cuda,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            **sampling,
+        )
 
     def _iter_files(self, images: FileImages) -> Iterator[Batch]:
         p = self.pipeline
         decoder = p.file_decoder
         if self._loader is None:
-            workers = p.runtime.num_workers
-            self._loader = DataLoader(
-                self._file_dataset(images, self.indices),
-                batch_size=self.batch_size,
-                shuffle=self.shuffle,
-                drop_last=self.drop_last,
-                collate_fn=decoder.collate if decoder is not None else None,
-                num_workers=workers,
-                pin_memory=p.runtime.is_cuda,
-                persistent_workers=workers > 0,
-                prefetch_factor=4 if workers > 0 else None,
+            self._loader = self._file_loader(
+                images, self.indices, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last
             )
         labels = p.device_labels(self.split)
         prepare = p.finish(decoder.prepare(self.augment) if decoder is not None else p.transforms.finish)
@@ -244,17 +249,8 @@ class BatchStream:
         p = self.pipeline
         decoder = p.file_decoder
         if self._loader is None:
-            workers = p.runtime.num_workers
             self._plan = _RankBatches()
-            self._loader = DataLoader(
-                self._file_dataset(images, np.arange(len(images.paths))),
-                batch_sampler=self._plan,
-                collate_fn=decoder.collate if decoder is not None else None,
-                num_workers=workers,
-                pin_memory=p.runtime.is_cuda,
-                persistent_workers=workers > 0,
-                prefetch_factor=4 if workers > 0 else None,
-            )
+            self._loader = self._file_loader(images, np.arange(len(images.paths)), batch_sampler=self._plan)
         assert self._plan is not None
         order = self._order()
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
