@@ -2,8 +2,8 @@
 
 How a signature becomes checks
 ------------------------------
-A config node such as ``{_target_: pilot.learners.l2p.L2P, epochs: 5, optimizer: {...}}`` is checked
-against the parameters of ``L2P.__init__``:
+A config node such as ``{_target_: torch.optim.SGD, _partial_: true, lr: 0.01}`` is checked against the parameters of
+its target (a learner: against its hyperparameters, see below):
 
 * every key must be one of its parameters (a typo is reported with the list of valid ones);
 * every value must fit the parameter's annotation. Ranges are part of the annotation, through the
@@ -15,12 +15,16 @@ against the parameters of ``L2P.__init__``:
   ``Callable`` such as ``OptimizerFactory``) takes a nested ``_target_`` node, checked in the same
   way, or null where the annotation allows ``None``.
 
-A new learner therefore gets its checks by annotating its constructor::
+A learner (``{_target_: pilot.learners.l2p.L2P, epochs: 5, pool_size: 10}``) declares its hyperparameters
+as annotated class attributes, so a new learner gets its checks by annotating them::
 
-    def __init__(self, setup: LearnerSetup, *, mix: Probability = 0.5, rounds: PositiveInt = 3) -> None:
+    class Mixer(Learner):
+        mix: Probability = 0.5
+        rounds: PositiveInt = 3
 
-(``setup: LearnerSetup`` adds the training-loop settings, the fields of
-:class:`pilot.learners.base.Training`, as keys of the same node: see :data:`EXPANDED`).
+Its node also takes the training-loop settings, the fields of :class:`pilot.learners.base.Training`,
+which its constructor's ``setup: LearnerSetup`` brings (``setup: InferenceSetup``: the batch sizes
+only; see :data:`EXPANDED` and :func:`_learner_signature`).
 
 Signatures are read from the target's source file (:mod:`ast`), without importing it: importing a
 learner loads torch and timm, which takes seconds, and a config mistake should be answered at once.
@@ -271,16 +275,15 @@ def _signature_from_source(target: str) -> Signature | None:
     (see :func:`_with_inherited`); the base is the first one the ``class`` statement names, found in the
     same module or through its imports."""
     module, _, name = target.rpartition(".")
-    try:
-        spec = importlib.util.find_spec(module)  # imports the parent packages only
-    except (ImportError, ValueError):
+    tree = _parse_module(module)
+    if tree is None:
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     found = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
     if not isinstance(found, ast.ClassDef):
         return None if found is None else _own_signature(found)
+    learner = _learner_signature(target)
+    if learner is not None:
+        return learner
     base = _base_target(tree, module, found)
     init = next((n for n in found.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
     if init is None and _is_dataclass(found):
@@ -294,6 +297,64 @@ def _signature_from_source(target: str) -> Signature | None:
     return _with_inherited(own, signature_of(base), *forwarded)
 
 
+@functools.cache
+def _parse_module(module: str) -> ast.Module | None:
+    """The syntax tree of ``module``'s source, or None (no such module, a C extension)."""
+    try:
+        spec = importlib.util.find_spec(module)  # imports the parent packages only
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+
+
+def _parse_class(target: str) -> tuple[ast.Module, str, ast.ClassDef] | None:
+    """The parsed module, module name and ``class`` statement of ``target``, or None (not a class in source)."""
+    module, _, name = target.rpartition(".")
+    tree = _parse_module(module)
+    if tree is None:
+        return None
+    found = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    return None if found is None else (tree, module, found)
+
+
+@functools.cache
+def _learner_signature(target: str) -> Signature | None:
+    """The settings of a learner class read from source, or None for a class that is not one.
+
+    A learner (:class:`pilot.learners.base.Learner` and its subclasses) takes, as flat keys, the fields that
+    its constructor's ``setup`` annotation brings (:data:`EXPANDED`) and its hyperparameters: the annotated
+    class attributes with a value (not ``ClassVar``) of the class and of every learner base class, a
+    subclass's default over its base's. A class is a learner when its own ``__init__`` takes an
+    :data:`EXPANDED` parameter or one of its bases (found in its module or through its imports) is one."""
+    parsed = _parse_class(target)
+    if parsed is None:
+        return None
+    tree, module, cls = parsed
+    bases = [_name_target(tree, module, b.id) for b in cls.bases if isinstance(b, ast.Name)]
+    inherited = [sig for sig in (_learner_signature(b) for b in bases if b is not None) if sig is not None]
+    init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    arguments = init.args.args if init is not None else []
+    setup = next((a for a in arguments if a.annotation and ast.unparse(a.annotation) in EXPANDED), None)
+    if setup is None and not inherited:
+        return None
+    params: dict[str, Param] = {}
+    for signature in reversed(inherited):  # the first base wins, as in the MRO
+        params.update(signature.params)
+    if setup is not None and setup.annotation is not None:
+        training, allowed = EXPANDED[ast.unparse(setup.annotation)]
+        fields = signature_of(training).params
+        params = {k: p for k, p in params.items() if k not in fields}  # this class's setup decides them
+        params = {**{k: p for k, p in fields.items() if allowed is None or k in allowed}, **params}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            annotation = ast.unparse(node.annotation)
+            if not annotation.startswith(("ClassVar", "typing.ClassVar")):
+                params[node.target.id] = Param(node.target.id, _evaluate(annotation), _literal(node.value))
+    return Signature(params)
+
+
 def _own_signature(function: ast.FunctionDef) -> Signature:
     args = function.args
     positional = args.posonlyargs + args.args
@@ -305,9 +366,6 @@ def _own_signature(function: ast.FunctionDef) -> Signature:
             continue
         annotation = ast.unparse(arg.annotation) if arg.annotation else None
         params[arg.arg] = Param(arg.arg, _evaluate(annotation) if annotation else Any, _literal(default))
-        if annotation in EXPANDED:
-            target, keys = EXPANDED[annotation]
-            params.update({k: p for k, p in signature_of(target).params.items() if keys is None or k in keys})
     return Signature(params, open=args.kwarg is not None)
 
 
@@ -343,7 +401,11 @@ def _base_target(tree: ast.Module, module: str, cls: ast.ClassDef) -> str | None
     """The dotted name of the first base class of ``cls`` (defined in ``module`` or imported by name)."""
     if not cls.bases or not isinstance(cls.bases[0], ast.Name):
         return None
-    name = cls.bases[0].id
+    return _name_target(tree, module, cls.bases[0].id)
+
+
+def _name_target(tree: ast.Module, module: str, name: str) -> str | None:
+    """The dotted name of ``name`` as ``module`` (parsed: ``tree``) sees it: defined there or imported by name."""
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == name:
             return f"{module}.{name}"
@@ -386,6 +448,8 @@ def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
     """The signature of an imported callable, with its annotations evaluated (Any where they fail).
     For a class, that of its ``__init__`` (a metaclass ``__call__`` would hide it from ``inspect``), with
     the base class's parameters where ``__init__`` forwards ``**kwargs`` to it (as :func:`_signature_from_source`)."""
+    if isinstance(fn, type) and callable(getattr(fn, "hyperparameters", None)):
+        return _imported_learner_signature(fn)
     function = getattr(fn, "__init__") if isinstance(fn, type) else fn
     try:
         hints = typing.get_type_hints(function, include_extras=True)
@@ -400,12 +464,6 @@ def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
             is_open = True
         elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
             params[p.name] = Param(p.name, hints.get(p.name, Any), p.default)
-            # The written name (InferenceSetup is LearnerSetup once imported): the string under postponed annotations.
-            written = p.annotation if isinstance(p.annotation, str) else getattr(hints.get(p.name), "__name__", "")
-            expanded = EXPANDED.get(written)
-            if expanded is not None:
-                target, keys = expanded
-                params.update({k: q for k, q in signature_of(target).params.items() if keys is None or k in keys})
     own = Signature(params, open=is_open)
     if not (is_open and isinstance(fn, type)):
         return own
@@ -415,6 +473,28 @@ def _signature_of_callable(fn: Callable[..., Any]) -> Signature:
     if forwarded is None or owner + 1 == len(mro):
         return own
     return _with_inherited(own, _signature_of_callable(mro[owner + 1]), *forwarded)  # what super() reaches
+
+
+def _imported_learner_signature(cls: type) -> Signature:
+    """:func:`_learner_signature` for an imported learner class: the fields its nearest ``setup`` annotation
+    brings, then ``cls.hyperparameters()`` with their evaluated annotations."""
+    written = ""
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        setup = inspect.signature(init).parameters.get("setup") if init is not None else None
+        if setup is not None:
+            # The written name (InferenceSetup is LearnerSetup once imported): a string under postponed annotations.
+            written = setup.annotation if isinstance(setup.annotation, str) else setup.annotation.__name__
+            break
+    target, keys = EXPANDED.get(written, EXPANDED["LearnerSetup"])
+    params = {k: p for k, p in signature_of(target).params.items() if keys is None or k in keys}
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:  # noqa: BLE001 - foreign annotations we cannot evaluate are left unchecked
+        hints = {}
+    for name, default in getattr(cls, "hyperparameters")().items():
+        params[name] = Param(name, hints.get(name, Any), default)
+    return Signature(params)
 
 
 def _forwarded_arguments_of(function: Callable[..., Any]) -> tuple[int, frozenset[str]] | None:

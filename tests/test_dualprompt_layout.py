@@ -35,24 +35,24 @@ def _learner(reference: bool, **kwargs) -> DualPrompt:
 def _own_rows(learner: DualPrompt, ids: list[int], layer: int, row: int) -> torch.Tensor:
     """Key (``row`` 0) or value (``row`` 1) prefix of E-layer ``layer`` for one sample that selected
     pool entries ``ids``: the ``k`` entries' rows concatenated, ``[k * length, C]``."""
-    entries = [learner.e_pool.prompts[i].view(len(learner.e_layers), 2, learner.e_length, -1) for i in ids]
+    entries = [learner.e_pool.prompts[i].view(len(learner.e_prompt_layers), 2, learner.e_prompt_length, -1) for i in ids]
     return torch.cat([entry[layer, row] for entry in entries])
 
 
 def _hand_prefixes(learner: DualPrompt, indices: torch.Tensor, reference: bool) -> dict:
     """Prefixes per block, built sample by sample: the paper's (each sample its own key and value
     rows) or the reference's pairing of blocks 2b / 2b + 1 of [keys of all samples, values of all samples]."""
-    B, L = indices.shape[0], learner.g_length
+    B, L = indices.shape[0], learner.g_prompt_length
     ids = indices.tolist()
     prefixes = {
         layer: (learner.g_prompt[i, None, :L], learner.g_prompt[i, None, L:])
-        for i, layer in enumerate(learner.g_layers)
+        for i, layer in enumerate(learner.g_prompt_layers)
     }
 
     def block(c: int, layer: int) -> torch.Tensor:  # block c of the reference's memory order
         return _own_rows(learner, ids[c], layer, 0) if c < B else _own_rows(learner, ids[c - B], layer, 1)
 
-    for i, layer in enumerate(learner.e_layers):
+    for i, layer in enumerate(learner.e_prompt_layers):
         if reference:
             keys = [block(2 * b, i) for b in range(B)]
             values = [block(2 * b + 1, i) for b in range(B)]
@@ -107,12 +107,12 @@ def test_layout_is_the_reference_reshape_in_head_split_form():
     indices = torch.tensor([[3, 8], [0, 1], [7, 2], [1, 9], [5, 4], [6, 0], [2, 3]])
     learner = _learner(reference=True, top_k=2)
     B, k = indices.shape
-    heads, length, layers = 3, learner.e_length, len(learner.e_layers)
+    heads, length, layers = 3, learner.e_prompt_length, len(learner.e_prompt_layers)
     with torch.no_grad():
         pool = learner.e_pool.prompts.view(-1, layers, 2, length, heads, 16).permute(1, 2, 0, 3, 4, 5)
         selected = pool[:, :, indices].reshape(layers, B, 2, k * length, heads, 16)
         prefixes = learner.prefixes(indices)
-        for i, layer in enumerate(learner.e_layers):
+        for i, layer in enumerate(learner.e_prompt_layers):
             torch.testing.assert_close(prefixes[layer][0], selected[i, :, 0].flatten(2), rtol=0, atol=0)
             torch.testing.assert_close(prefixes[layer][1], selected[i, :, 1].flatten(2), rtol=0, atol=0)
 

@@ -26,6 +26,7 @@ The decode device is a parameter, so the path runs on a CPU too (tests).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -152,10 +153,8 @@ class FileDecoder:
         return [image for image in out if image is not None]
 
     def _decode_alone(self, encoded: torch.Tensor, path: Path) -> torch.Tensor:
-        try:
+        with contextlib.suppress(RuntimeError):  # the device decoder refuses it: PIL below
             return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            pass
         try:
             log.debug("%s: the %s JPEG decoder refused it, decoded by PIL", path, self.device.type)
             return pil_decode(encoded.numpy().tobytes()).to(self.device)

@@ -19,15 +19,12 @@ Both branches are fixed after session 0, so the features of test images are cach
 Five registered names, one per PET: ``aper_adapter``, ``aper_ssf``, ``aper_vpt_shallow``,
 ``aper_vpt_deep``, ``aper_finetune``.
 
-How the five names share one constructor: :class:`APER` takes no parameter of its own and forwards
-everything (``**base``) to :class:`~pilot.learners.first_session.FirstSessionTuned`, whose keyword
-parameters (optimizer, scheduler, epochs, batch_size, the batch sizes, cache_features) every variant
-inherits with their defaults. Each variant fixes ``pet`` (a ``PetSpec``, not a config key) and lists
-only what it adds or changes: the options of its PET (``prompt_tokens``; SSF has none), or, for
-``aper_finetune``, the training defaults that differ. ``aper_adapter`` takes the adapter and its
-options from :class:`~pilot.learners.first_session.AdapterTuned` (as FeCAM and RanPAC do), listed first
-among its bases, whose ``super().__init__`` then reaches APER's. :mod:`pilot.schema` follows the
-``**base`` forwarding through the first base class, so each name's config keys are exactly these parameters.
+How the five names share one class: :class:`APER` adds no hyperparameter; every variant inherits
+:class:`~pilot.learners.first_session.FirstSessionTuned`'s (``prototype_batch_size``, ``cache_features``)
+and the training settings, and declares only its PET: ``pet_kind`` and ``build_pet``, with the PET's
+options as fields (``prompt_tokens``; SSF and the fine-tuned copy have none). ``aper_adapter`` takes the
+adapter and its options from :class:`~pilot.learners.first_session.AdapterTuned` (as FeCAM and RanPAC do),
+listed first among its bases. Each name's config keys are therefore exactly these fields.
 """
 
 from __future__ import annotations
@@ -35,11 +32,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
+from pilot.backbones.ssf import SSFParams
+from pilot.backbones.vpt import VisualPrompts
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import SessionInfo
 from pilot.learners.base import LearnerSetup
-from pilot.learners.first_session import AdapterTuned, FirstSessionTuned, PetKind, PetSpec
+from pilot.learners.first_session import AdapterTuned, FirstSessionTuned, PetKind
 from pilot.modules.classifiers import CosineLinear, class_means
 from pilot.registry import register_learner
 from pilot.schema import PositiveInt
@@ -48,8 +48,8 @@ from pilot.schema import PositiveInt
 class APER(FirstSessionTuned):
     """Two frozen branches [pretrained ; tuned] after session 0, cosine prototype classifier."""
 
-    def __init__(self, setup: LearnerSetup, **base: Any) -> None:
-        super().__init__(setup, **base)
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         # Rows are written, never trained, and sigma stays 1 (reference: a fresh CosineLinear whose
         # sigma no optimiser sees after session 0).
         self.head = CosineLinear(2 * self.backbone.feature_dim, learn_sigma=False).requires_grad_(False)
@@ -88,9 +88,10 @@ class AperSSF(APER):
     """APER with SSF scale and shift (exps/aper_ssf.json, _inr.json)."""
 
     requires_vit = True
+    pet_kind = "ssf"
 
-    def __init__(self, setup: LearnerSetup, **base: Any) -> None:
-        super().__init__(setup, pet=PetSpec("ssf"), **base)
+    def build_pet(self) -> nn.Module:
+        return SSFParams.for_vit(self.backbone.vit)
 
 
 @register_learner("aper_vpt_shallow")
@@ -98,23 +99,23 @@ class AperVPTShallow(APER):
     """APER with VPT-Shallow prompt tokens at the input (exps/aper_vpt_shallow.json; ImageNet-R: see the config)."""
 
     requires_vit = True
-    vpt_kind: ClassVar[PetKind] = "vpt_shallow"
+    pet_kind: ClassVar[PetKind] = "vpt_shallow"
 
-    def __init__(self, setup: LearnerSetup, *, prompt_tokens: PositiveInt = 5, **base: Any) -> None:
-        pet = PetSpec(self.vpt_kind, prompt_tokens=prompt_tokens)
-        super().__init__(setup, pet=pet, **base)
+    prompt_tokens: PositiveInt = 5
+
+    def build_pet(self) -> nn.Module:  # zero init, as PILOT
+        return VisualPrompts.for_vit(self.backbone.vit, self.prompt_tokens, deep=self.pet_kind == "vpt_deep")
 
 
 @register_learner("aper_vpt_deep")
 class AperVPTDeep(AperVPTShallow):
     """APER with VPT-Deep prompt tokens in every block (exps/aper_vpt_deep.json, _inr.json)."""
 
-    vpt_kind = "vpt_deep"
+    pet_kind = "vpt_deep"
 
 
 @register_learner("aper_finetune")
 class AperFinetune(APER):
     """APER with the whole model fine-tuned in session 0 (exps/aper_finetune.json, _inr.json); any backbone."""
 
-    def __init__(self, setup: LearnerSetup, **base: Any) -> None:
-        super().__init__(setup, pet=PetSpec("finetune"), **base)
+    pet_kind = "finetune"

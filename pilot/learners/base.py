@@ -1,19 +1,29 @@
 """The learner interface: the run loop calls ``fit``, ``predict``, ``state_dict`` and ``restore``.
 
-A learner is built from ``configs/method/<name>.yaml`` by :func:`build_learner`. Its constructor takes one
-:class:`LearnerSetup` (the backbone, the scenario, the runtime and the :class:`Training` settings of the
-shared training loop) and, keyword-only, its own hyperparameters::
+A learner is built from ``configs/method/<name>.yaml`` by :func:`build_learner`. Its hyperparameters are
+annotated class attributes with a default (the reference setting), declared like dataclass fields on the
+learner or inherited from its bases; its constructor takes one :class:`LearnerSetup` (the backbone, the
+scenario, the runtime and the :class:`Training` settings of the shared training loop) and the values to
+change, which :class:`Learner` sets on the instance before the subclass's ``__init__`` body runs::
 
-    def __init__(self, setup: LearnerSetup, *, pool_size: PositiveInt, top_k: PositiveInt) -> None:
-        super().__init__(setup)
+    @register_learner("l2p")
+    class L2P(PromptPoolLearner):
+        pool_size: PositiveInt = 10      # read as self.pool_size; method.pool_size in YAML
+        top_k: PositiveInt = 5
 
-The YAML keeps every ``method.*`` key flat: :meth:`Learner.create` hands the keys that name a
-:class:`Training` field (``optimizer``, ``scheduler``, ``epochs``, ``batch_size``, ``eval_batch_size``)
-to :class:`Training` and the rest to the constructor. Defaults live in the YAML (the reference
-settings); the constructor's own defaults must equal them.
+        def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+            super().__init__(setup, **settings)
+            self.pool = PromptPool(self.pool_size, ...)
+
+A subclass changes an inherited default by declaring the field again. Class constants that are not
+hyperparameters are ``ClassVar`` (``requires_vit``); an annotation without a value declares an instance
+attribute (a buffer), not a hyperparameter. The YAML keeps every ``method.*`` key flat:
+:meth:`Learner.create` hands the keys that name a :class:`Training` field (``optimizer``, ``scheduler``,
+``epochs``, ``batch_size``, ``eval_batch_size``) to :class:`Training` and the rest to the constructor.
+Defaults live in the YAML (the reference settings); the fields' defaults must equal them.
 
 Before its ``__init__`` runs, the classmethod ``check_requirements(backbone, scenario, params)``
-sees every setting (the training fields and the constructor's arguments) and refuses, with a
+sees every setting (the training fields and the hyperparameters, defaults filled in) and refuses, with a
 :class:`ConfigError` naming the ``method.*`` key, what the learner cannot run (a CNN for a prompt
 learner, prompt layers beyond the ViT's depth, a prompt pool too small for the scenario...). The
 learner then implements a few hooks, called in this order for every session:
@@ -37,6 +47,7 @@ registered on the learner, not inside ``self.backbone``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -98,45 +109,50 @@ then offers only :data:`INFERENCE_KEYS` of :class:`Training`, so ``method.epochs
 
 
 class CheckedConstruction(ABCMeta):
-    """Metaclass of :class:`Learner`: ``LearnerClass(...)`` first binds the arguments to the
-    learner's ``__init__`` signature (defaults filled in) and passes them to
-    :meth:`Learner.check_requirements`, so a configuration the learner cannot run stops with a
-    :class:`ConfigError` before the learner allocates anything (and long before training)."""
+    """Metaclass of :class:`Learner`: ``LearnerClass(setup, **settings)`` first refuses a setting that is not
+    one of the learner's hyperparameters (a TypeError listing them) and passes every setting, defaults
+    filled in, to :meth:`Learner.check_requirements`, so a configuration the learner cannot run stops with
+    a :class:`ConfigError` before the learner allocates anything (and long before training)."""
 
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        params = _bind(cls, args, kwargs)
-        if params is not None:
-            setup = params.pop("setup")
-            settings = {**dataclasses.asdict(setup.training), **params}
-            getattr(cls, "check_requirements")(setup.backbone, setup.scenario, settings)
-        return super().__call__(*args, **kwargs)
+    def __call__(cls, *args: Any, **settings: Any) -> Any:
+        setup = args[0] if args else settings.get("setup")
+        if isinstance(setup, LearnerSetup):
+            own = {k: v for k, v in settings.items() if k != "setup"}
+            declared = getattr(cls, "hyperparameters")()
+            unknown = sorted(set(own) - set(declared))
+            if unknown:
+                raise TypeError(
+                    f"{cls.__name__} has no hyperparameter {', '.join(unknown)}; "
+                    f"its hyperparameters are: {', '.join(declared) or 'none'}."
+                )
+            params = {**dataclasses.asdict(setup.training), **declared, **own}
+            getattr(cls, "check_requirements")(setup.backbone, setup.scenario, params)
+        return super().__call__(*args, **settings)
 
 
-def _bind(cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """``__init__``'s arguments by name (``**kwargs`` forwarded to a base class spread out), or None when
-    they do not bind (``__init__`` then raises its own TypeError) or hold no :class:`LearnerSetup`."""
-    try:
-        bound = inspect.signature(getattr(cls, "__init__")).bind(None, *args, **kwargs)
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    params = dict(bound.arguments)
-    params.pop(next(iter(params)))  # self
-    for name, param in inspect.signature(getattr(cls, "__init__")).parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            params.update(params.pop(name, {}))
-    for klass in cls.__mro__[1:]:  # defaults of the base classes' parameters that **kwargs did not carry
-        init = vars(klass).get("__init__")
-        for name, param in inspect.signature(init).parameters.items() if init is not None else ():
-            if param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is not param.empty:
-                params.setdefault(name, param.default)
-    return params if isinstance(params.get("setup"), LearnerSetup) else None
+def _is_class_var(annotation: Any) -> bool:
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return text.startswith(("ClassVar", "typing.ClassVar"))
 
 
 class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
-    """Base class of every method. Subclasses set ``requires_vit`` when they hook into ViT blocks."""
+    """Base class of every method. Subclasses declare their hyperparameters as annotated class attributes
+    and set ``requires_vit`` when they hook into ViT blocks."""
 
     requires_vit: ClassVar[bool] = False
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """Every hyperparameter of this learner by name, with its default: the annotated class attributes
+        with a value (not ``ClassVar``) of the learner and its learner bases; a subclass's default wins."""
+        found: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            if not issubclass(klass, Learner):
+                continue
+            for name, annotation in inspect.get_annotations(klass).items():
+                if name in vars(klass) and not _is_class_var(annotation):
+                    found[name] = vars(klass)[name]
+        return found
 
     @property
     def eval_unit(self) -> int:
@@ -144,8 +160,10 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         per-sample predictions; a learner whose predictions vote per group of samples returns the group."""
         return 1
 
-    def __init__(self, setup: LearnerSetup) -> None:
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
         super().__init__()
+        for name, default in type(self).hyperparameters().items():  # the metaclass refused unknown names
+            setattr(self, name, copy.copy(settings.get(name, default)))
         self.backbone, self.scenario, self.runtime = setup.backbone, setup.scenario, setup.runtime
         training = setup.training
         self.optimizer, self.scheduler = training.optimizer, training.scheduler
@@ -168,10 +186,10 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
     def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
         """Refuse a backbone, scenario or method setting this learner cannot run, before construction.
 
-        ``params``: every ``__init__`` argument by name (the ``method.*`` config values, defaults
-        filled in). Runs the checks that apply to any learner (:func:`check_backbone_family`,
-        :func:`check_block_indices`, :func:`check_top_k`, :func:`check_optimizer`). A learner with
-        requirements of its own overrides this classmethod, calls ``super()`` first and adds its checks.
+        ``params``: every setting by name (the ``method.*`` config values: the :class:`Training` fields
+        and the hyperparameters, defaults filled in). Runs the checks that apply to any learner
+        (:func:`check_backbone_family`, :func:`check_block_indices`, :func:`check_top_k`, :func:`check_optimizer`).
+        A learner with requirements of its own overrides this classmethod, calls ``super()`` first and adds its checks.
         """
         for requirement in (check_backbone_family, check_block_indices, check_top_k, check_optimizer):
             requirement(cls, backbone, scenario, params)
@@ -214,24 +232,29 @@ class Learner(nn.Module, ABC, metaclass=CheckedConstruction):
         batches: BatchStream | None = None,
         after_step: Callable[[], None] | None = None,
     ) -> list[float]:
-        """The shared loop (:func:`pilot.learners.training.train_trainable`) with the :class:`Training`
-        settings: a fresh optimiser over ``params`` (default: every trainable parameter),
-        on ``batches`` (default: ``session``'s training batches of ``batch_size``); ``after_step`` runs
-        after every optimiser step."""
-        batches = session.train_batches(self.batch_size) if batches is None else batches
-        params = self if params is None else params
+        """The shared loop (:func:`pilot.learners.training.train_trainable`) with :meth:`session_training`'s
+        settings: a fresh optimiser over ``params`` (default: every trainable parameter), on ``batches``
+        (default: :meth:`session_batches`); ``after_step`` runs after every optimiser step. The gradients
+        are freed afterwards."""
+        optimizer, scheduler, epochs = self.session_training()
+        batches = self.session_batches(session) if batches is None else batches
         desc = f"{type(self).__name__} s{session.info.index}"
-        return train_trainable(
-            params,
-            batches,
-            self.epochs,
-            loss_fn,
-            self.optimizer_factory,
-            self.runtime,
-            self.scheduler,
-            desc,
-            after_step=after_step,
+        params = self if params is None else params
+        losses = train_trainable(
+            params, batches, epochs, loss_fn, optimizer, self.runtime, scheduler, desc, after_step=after_step
         )
+        self.zero_grad(set_to_none=True)
+        return losses
+
+    def session_training(self) -> tuple[OptimizerFactory, SchedulerFactory | None, int]:
+        """(optimizer, scheduler, epochs) of the current session: the :class:`Training` settings. A learner
+        that trains some sessions otherwise (the replay learners' ``init_*`` settings) overrides it."""
+        return self.optimizer_factory, self.scheduler, self.epochs
+
+    def session_batches(self, session: SessionData) -> BatchStream:
+        """What :meth:`train_epochs` trains on by default: the new classes' training images (shuffled, train
+        transform), in batches of ``batch_size``."""
+        return session.train_batches(self.batch_size)
 
     def class_features(
         self,

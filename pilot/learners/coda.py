@@ -65,24 +65,20 @@ class CodaPrompt(Learner):
                 "prefixes, the second half value prefixes."
             )
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        prompt_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4),
-        drop_last: bool = True,
-        pool_size: PositiveInt = 100,
-        prompt_length: EvenPositiveInt = 8,
-        ortho_mu: NonNegativeFloat = 0.0,
-    ) -> None:
-        super().__init__(setup)
-        self.layers = [int(i) for i in prompt_layers]
+    prompt_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4)
+    drop_last: bool = True
+    pool_size: PositiveInt = 100
+    prompt_length: EvenPositiveInt = 8
+    ortho_mu: NonNegativeFloat = 0.0
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        self.layers = [int(i) for i in self.prompt_layers]
         self.backbone.freeze()
         self.vit = PromptedViT(self.backbone.vit, prefix_layers=self.layers)
         self.eval_batch_size = int(self.eval_batch_size)
-        self.drop_last, self.ortho_mu = bool(drop_last), float(ortho_mu)
         self.pool = CodaPromptPool(
-            len(self.layers), int(pool_size), int(prompt_length), self.vit.dim, self.scenario.num_sessions
+            len(self.layers), self.pool_size, self.prompt_length, self.vit.dim, self.scenario.num_sessions
         )
         self.head = linear_head(self.vit.dim, self.scenario.num_classes, init="torch")  # PyTorch default init (§3.1)
         self.queries = FeatureStore(self.runtime, "vit/query")  # test queries: per run and across a sweep

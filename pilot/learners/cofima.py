@@ -62,20 +62,14 @@ class CoFiMA(SLCA):
     fisher_head_weight: torch.Tensor  # F_{t-1} of the stage-1 heads' rows [seen, D] and biases [seen]
     fisher_head_bias: torch.Tensor
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        merge_weight: Probability = 0.4,
-        fisher_weighting: bool = True,
-        fisher_max: PositiveFloat = 1e-4,
-        scale_new_head_by_fisher: bool = False,
-        **base: Any,  # SLCA's parameters, same defaults (pilot/schema.py reads them from SLCA)
-    ) -> None:
-        super().__init__(setup, **base)
-        self.merge_weight, self.fisher_weighting, self.fisher_max = merge_weight, fisher_weighting, fisher_max
-        self.scale_new_head_by_fisher = scale_new_head_by_fisher
-        size = sum(p.numel() for p in self.merged_parameters()) if fisher_weighting else 0
+    merge_weight: Probability = 0.4
+    fisher_weighting: bool = True
+    fisher_max: PositiveFloat = 1e-4
+    scale_new_head_by_fisher: bool = False
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        size = sum(p.numel() for p in self.merged_parameters()) if self.fisher_weighting else 0
         self.register_buffer("fisher_backbone", torch.zeros(size))
         self.register_buffer("fisher_head_weight", torch.zeros(0, self.backbone.feature_dim))
         self.register_buffer("fisher_head_bias", torch.zeros(0))

@@ -74,25 +74,18 @@ def transport_plan(source: torch.Tensor, target: torch.Tensor, mass: float, p: f
 class COIL(ReplayLearner):
     """Fine-tuned backbone + cosine classifier; KD, CE and the two optimal-transport terms; NME."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        T: PositiveFloat = 2.0,
-        sinkhorn_reg: PositiveFloat = 0.464,
-        norm_term: PositiveFloat = 3.0,
-        reg_term: NonNegativeFloat = 1e-3,
-        prospective_weight: NonNegativeFloat = 1e-3,
-        ot_refresh_every: PositiveInt = 30,
-        prospective_old_means: Literal["memory", "all_data"] = "memory",
-        init_scheduler: SchedulerFactory | None = partial(MultiStepLR, milestones=[80, 120], gamma=0.1),
-        init_epochs: PositiveInt = 10,
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, init_scheduler=init_scheduler, init_epochs=init_epochs, **base)
-        self.T, self.sinkhorn_reg, self.norm_term = float(T), float(sinkhorn_reg), float(norm_term)
-        self.reg_term, self.prospective_weight = float(reg_term), float(prospective_weight)
-        self.ot_refresh_every, self.prospective_old_means = int(ot_refresh_every), prospective_old_means
+    T: PositiveFloat = 2.0
+    sinkhorn_reg: PositiveFloat = 0.464
+    norm_term: PositiveFloat = 3.0
+    reg_term: NonNegativeFloat = 1e-3
+    prospective_weight: NonNegativeFloat = 1e-3
+    ot_refresh_every: PositiveInt = 30
+    prospective_old_means: Literal["memory", "all_data"] = "memory"
+    init_scheduler: SchedulerFactory | None = partial(MultiStepLR, milestones=[80, 120], gamma=0.1)
+    init_epochs: PositiveInt = 10
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.head = CosineLinear(self.backbone.feature_dim)
 
     # ------------------------------------------------------------------------------ hooks
@@ -103,7 +96,7 @@ class COIL(ReplayLearner):
 
     def train_session(self, session: SessionData) -> None:
         if self.known == 0:
-            self.train_session_epochs(session, lambda b: F.cross_entropy(self.head(self.backbone(b.images)), b.labels))
+            self.train_epochs(session, lambda b: F.cross_entropy(self.head(self.backbone(b.images)), b.labels))
             return
         previous = self.previous_network()
         prospective = self.prospective_transport(session)

@@ -50,17 +50,12 @@ from pilot.schema import NonNegativeFloat, PositiveInt
 class DER(ReplayLearner):
     """One backbone per session, concatenated features, a growing linear classifier and an auxiliary head."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        aux_weight: NonNegativeFloat = 1.0,
-        weight_align: bool = False,
-        init_epochs: PositiveInt = 10,
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, init_epochs=init_epochs, **base)
-        self.aux_weight, self.weight_align = float(aux_weight), weight_align
+    aux_weight: NonNegativeFloat = 1.0
+    weight_align: bool = False
+    init_epochs: PositiveInt = 10
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.grown = nn.ModuleList()  # the extractors of sessions 1, 2, ... (session 0's is self.backbone)
         self.classifier = GrowingClassifier()
 
@@ -122,7 +117,7 @@ class DER(ReplayLearner):
 
     # ------------------------------------------------------------------------------- hooks
     def train_session(self, session: SessionData) -> None:
-        self.train_session_epochs(session, self.loss)
+        self.train_epochs(session, self.loss)
         if self.weight_align and session.info.index > 0 and self.classifier.fc is not None:
             align_weights(self.classifier.fc, session.info.num_new)
 

@@ -78,20 +78,14 @@ def global_gradients(grads: list[torch.Tensor], batch: Any) -> list[torch.Tensor
 class DGR(ReplayLearner, LinearHeadLearner):
     """Fine-tuned backbone + growing linear head; prior-regularised CE + KD with reweighted head gradients."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        T: PositiveFloat = 2.0,
-        kd_lambda: NonNegativeFloat = 1.0,
-        gamma_r: NonNegativeFloat = 1.0,
-        distillation: Literal["kd", "dakd"] = "kd",
-        init_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20),
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, init_scheduler=init_scheduler, **base)
-        self.T, self.kd_lambda, self.gamma_r = float(T), float(kd_lambda), float(gamma_r)
-        self.distillation = distillation
+    T: PositiveFloat = 2.0
+    kd_lambda: NonNegativeFloat = 1.0
+    gamma_r: NonNegativeFloat = 1.0
+    distillation: Literal["kd", "dakd"] = "kd"
+    init_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20)
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
 
     # --------------------------------------------------------------------------- training
     def train_session(self, session: SessionData) -> None:

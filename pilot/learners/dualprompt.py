@@ -37,7 +37,7 @@ from pilot.learners.prompt_pool_learner import PromptPoolLearner
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompt_pools import PromptPool
 from pilot.registry import register_learner
-from pilot.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
+from pilot.schema import NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -77,46 +77,30 @@ def reference_e_layout(e: torch.Tensor, group_size: int | None = None) -> torch.
 class DualPrompt(PromptPoolLearner):
     """Shared G-prefixes, a pool of E-prefixes selected by key, one linear head on CLS."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        g_prompt_layers: Sequence[NonNegativeInt] = (0, 1),
-        g_prompt_length: PositiveInt = 5,
-        e_prompt_layers: Sequence[NonNegativeInt] = (2, 3, 4),
-        e_prompt_length: PositiveInt = 5,
-        pool_size: PositiveInt = 10,
-        top_k: PositiveInt = 1,
-        batchwise_prompt: bool = True,
-        batchwise_prompt_eval: bool = True,
-        task_forced_prompt: bool = True,
-        copy_previous_prompt: bool = True,
-        vote_batch_size: PositiveInt = 24,
-        pull_coeff: NonNegativeFloat = 0.1,
-        reference_prefix_layout: bool = False,
-        allow_short_pool: bool = False,
-    ) -> None:
-        g_layers, e_layers = [int(i) for i in g_prompt_layers], [int(i) for i in e_prompt_layers]
-        if set(g_layers) & set(e_layers):
-            raise ConfigError(
-                f"method.g_prompt_layers {g_layers} and method.e_prompt_layers {e_layers} "
-                "overlap; a block takes either the G- or the E-prompt"
-            )
-        super().__init__(setup, prefix_layers=g_layers + e_layers)
-        self.set_selection(self.eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
-        self.g_layers, self.e_layers = g_layers, e_layers
-        self.g_length, self.e_length, self.top_k = int(g_prompt_length), int(e_prompt_length), int(top_k)
-        self.task_forced_prompt, self.copy_previous_prompt = bool(task_forced_prompt), bool(copy_previous_prompt)
-        self.reference_prefix_layout = bool(reference_prefix_layout)
+    g_prompt_layers: Sequence[NonNegativeInt] = (0, 1)
+    g_prompt_length: PositiveInt = 5
+    e_prompt_layers: Sequence[NonNegativeInt] = (2, 3, 4)
+    e_prompt_length: PositiveInt = 5
+    top_k: PositiveInt = 1  # the pool's other settings: PromptPoolLearner
+    vote_batch_size: PositiveInt = 24
+    task_forced_prompt: bool = True
+    copy_previous_prompt: bool = True
+    reference_prefix_layout: bool = False
+    allow_short_pool: bool = False
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         dim = self.vit.dim
         # G-prompt: per layer [key prefix; value prefix] rows, U(-1, 1).
-        self.g_prompt = nn.Parameter(torch.empty(len(self.g_layers), 2 * self.g_length, dim).uniform_(-1, 1))
+        self.g_prompt = nn.Parameter(
+            torch.empty(len(self.g_prompt_layers), 2 * self.g_prompt_length, dim).uniform_(-1, 1)
+        )
         # E-prompt pool: one entry = for each E layer [key prefix; value prefix] rows.
-        self.e_pool = PromptPool(int(pool_size), len(self.e_layers) * 2 * self.e_length, dim, self.top_k)
+        self.e_pool = PromptPool(self.pool_size, len(self.e_prompt_layers) * 2 * self.e_prompt_length, dim, self.top_k)
         self.head = linear_head(dim, self.scenario.num_classes)
         self.session = 0
         covered = self.e_pool.pool_size // self.top_k
-        if (task_forced_prompt or copy_previous_prompt) and self.scenario.num_sessions > covered:
+        if (self.task_forced_prompt or self.copy_previous_prompt) and self.scenario.num_sessions > covered:
             log.warning(
                 "DualPrompt: the E-prompt pool (%d prompts, top_k %d) has task slots for %d sessions, but the scenario "
                 "has %d. As in the reference, sessions %d-%d train without a task-forced E-prompt (selection by key "
@@ -129,6 +113,9 @@ class DualPrompt(PromptPoolLearner):
                 self.scenario.num_sessions - 1,
             )
 
+    def prefix_layers(self) -> list[int]:
+        return [*self.g_prompt_layers, *self.e_prompt_layers]
+
     @classmethod
     def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
         """Besides the common checks: with task-forced E-prompts the pool needs one slot of ``top_k``
@@ -140,6 +127,12 @@ class DualPrompt(PromptPoolLearner):
         ``allow_short_pool=true`` (the reference's fallback, with a warning).
         """
         super().check_requirements(backbone, scenario, params)
+        g_layers, e_layers = list(params["g_prompt_layers"]), list(params["e_prompt_layers"])
+        if set(g_layers) & set(e_layers):
+            raise ConfigError(
+                f"method.g_prompt_layers {g_layers} and method.e_prompt_layers {e_layers} "
+                "overlap; a block takes either the G- or the E-prompt"
+            )
         if params["reference_prefix_layout"] and distributed.active():
             raise ConfigError(
                 "method.reference_prefix_layout=true mixes the prefixes of the samples of a training batch, which a "
@@ -176,16 +169,17 @@ class DualPrompt(PromptPoolLearner):
         """Key/value prefixes per block: the G-prompt, and the E-prompts ``indices`` ``[B, k]``
         (the ``k`` prompts' prefixes concatenated). With ``reference_prefix_layout`` the E-prefixes
         follow :func:`reference_e_layout` within each batch of ``group_size`` samples (None: all ``B``)."""
-        L = self.g_length
+        L = self.g_prompt_length
         prefixes = {
-            layer: (self.g_prompt[i, None, :L], self.g_prompt[i, None, L:]) for i, layer in enumerate(self.g_layers)
+            layer: (self.g_prompt[i, None, :L], self.g_prompt[i, None, L:])
+            for i, layer in enumerate(self.g_prompt_layers)
         }
         B, k = indices.shape
-        e = self.e_pool.gather(indices).view(B, k, len(self.e_layers), 2, self.e_length, -1)
+        e = self.e_pool.gather(indices).view(B, k, len(self.e_prompt_layers), 2, self.e_prompt_length, -1)
         e = e.permute(2, 3, 0, 1, 4, 5).flatten(3, 4)  # [layers, k/v, B, k * length, C]
         if self.reference_prefix_layout:
             e = reference_e_layout(e, group_size)
-        prefixes.update({layer: (e[i, 0], e[i, 1]) for i, layer in enumerate(self.e_layers)})
+        prefixes.update({layer: (e[i, 0], e[i, 1]) for i, layer in enumerate(self.e_prompt_layers)})
         return prefixes
 
     def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:

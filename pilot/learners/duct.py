@@ -40,7 +40,7 @@ the optimiser's ``lr_re`` = 1e-3 (the JSON value never takes effect). Difference
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,29 +66,20 @@ class DUCT(Learner):
     pretrained: torch.Tensor  # theta_0: the backbone's floating state, flattened (rebuilt, not checkpointed)
     means: torch.Tensor  # [seen, D] float64 class means under theta_0
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        backbone_lr_scale: NonNegativeFloat = 0.01,
-        merge_scalar: NonNegativeFloat = 0.25,
-        similarity_scaled_merge: bool = True,
-        retrain_optimizer: OptimizerFactory = partial(SGD, lr=0.1, momentum=0.9, weight_decay=5e-4),
-        retrain_scheduler: SchedulerFactory | None = partial(ConstantLR, factor=1 / 3, total_iters=5),
-        retrain_epochs: PositiveInt = 5,
-        head_merge_ratio: Probability = 0.25,
-        ot_reg: PositiveFloat = 0.02,
-        new_row_init: Literal["uniform", "zeros"] = "uniform",
-        stats_batch_size: PositiveInt = 128,
-    ) -> None:
-        super().__init__(setup)
-        self.backbone_lr_scale, self.merge_scalar = backbone_lr_scale, merge_scalar
-        self.similarity_scaled_merge = similarity_scaled_merge
-        self.retrain_optimizer, self.retrain_scheduler = retrain_optimizer, retrain_scheduler
-        self.retrain_epochs, self.head_merge_ratio, self.ot_reg = retrain_epochs, head_merge_ratio, ot_reg
-        self.new_row_init = new_row_init
-        self.stats_batch_size, self.eval_batch_size = stats_batch_size, self.eval_batch_size
-        if backbone_lr_scale == 0:
+    backbone_lr_scale: NonNegativeFloat = 0.01
+    merge_scalar: NonNegativeFloat = 0.25
+    similarity_scaled_merge: bool = True
+    retrain_optimizer: OptimizerFactory = partial(SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    retrain_scheduler: SchedulerFactory | None = partial(ConstantLR, factor=1 / 3, total_iters=5)
+    retrain_epochs: PositiveInt = 5
+    head_merge_ratio: Probability = 0.25
+    ot_reg: PositiveFloat = 0.02
+    new_row_init: Literal["uniform", "zeros"] = "uniform"
+    stats_batch_size: PositiveInt = 128
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        if self.backbone_lr_scale == 0:
             self.backbone.freeze()
         self.head = CosineLinear(self.backbone.feature_dim)
         self.register_buffer("pretrained", flatten(floating_state(self.backbone)), persistent=False)

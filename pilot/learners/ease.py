@@ -96,23 +96,17 @@ class EASE(Learner):
     prototypes: torch.Tensor  # [seen classes, subspaces, D] buffer
     class_session: torch.Tensor
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        adapter_dim: PositiveInt = 64,
-        adapter_dropout: Probability = 0.1,
-        sets_per_pass: PositiveInt | None = None,
-        adapter_scale: NonNegativeFloat = 0.1,
-        alpha: NonNegativeFloat = 0.1,
-        prototype_batch_size: PositiveInt = 128,
-        cache_features: bool = True,
-    ) -> None:
-        super().__init__(setup)
+    adapter_dim: PositiveInt = 64
+    adapter_dropout: Probability = 0.1
+    sets_per_pass: PositiveInt | None = None
+    adapter_scale: NonNegativeFloat = 0.1
+    alpha: NonNegativeFloat = 0.1
+    prototype_batch_size: PositiveInt = 128
+    cache_features: bool = True
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         check_adaptable(self.backbone.vit)
-        self.adapter_dim, self.adapter_dropout, self.adapter_scale = adapter_dim, adapter_dropout, adapter_scale
-        self.alpha, self.sets_per_pass, self.cache_features = alpha, sets_per_pass, cache_features
-        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, self.eval_batch_size
         self.backbone.freeze()
         dim = self.backbone.feature_dim
         self.adapters = nn.ModuleList()  # one AdapterSet per session; all in state_dict()
@@ -147,7 +141,6 @@ class EASE(Learner):
             return F.cross_entropy(self.proxy_fc(feats), batch.labels - known)
 
         self.train_epochs(session, loss_fn, params=[*current.parameters(), *self.proxy_fc.parameters()])
-        self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def end_session(self, session: SessionData) -> None:

@@ -40,18 +40,16 @@ from pilot.schema import NonNegativeFloat
 class FeCAM(AdapterTuned):
     """Adapter tuned in session 0, then per-class Mahalanobis distances with shrunk, normalised covariances."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        covariance: Literal["pilot", "paper"] = "pilot",
-        shrink: NonNegativeFloat = 100.0,
-        gamma1: NonNegativeFloat = 1.0,
-        gamma2: NonNegativeFloat = 0.0,
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, **base)
-        self.classes = ClassMahalanobis(self.backbone.feature_dim, covariance, shrink, gamma1, gamma2)
+    covariance: Literal["pilot", "paper"] = "pilot"
+    shrink: NonNegativeFloat = 100.0
+    gamma1: NonNegativeFloat = 1.0
+    gamma2: NonNegativeFloat = 0.0
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        self.classes = ClassMahalanobis(
+            self.backbone.feature_dim, self.covariance, self.shrink, self.gamma1, self.gamma2
+        )
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)

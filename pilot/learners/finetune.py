@@ -36,7 +36,7 @@ class Finetune(LinearHeadLearner):
             logits = head(self.backbone(batch.images))
             return F.cross_entropy(logits[:, known:], batch.labels - known)
 
-        self.train_session_epochs(session, loss_fn)
+        self.train_epochs(session, loss_fn)
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:

@@ -33,11 +33,10 @@ No ViT is copied for the other PETs: the PET module is registered on the learner
 
 API for subclasses (stable)
 ---------------------------
-``__init__(backbone, scenario, runtime, *, pet, optimizer, scheduler, epochs, batch_size,
-prototype_batch_size=128, eval_batch_size=256, cache_features=True)``
-    ``pet`` (a :class:`PetSpec`: the kind and its options) is fixed by each subclass, which declares the
-    options of its PET (``adapter_dim``...) as its own keyword-only parameters, adds its others, and
-    forwards the rest with ``**base`` (:mod:`pilot.schema` reads the forwarded ones from this class).
+``pet_kind`` (a class constant) and ``build_pet() -> nn.Module | None``
+    each subclass names its PET and builds it on ``self.backbone.vit`` from its own fields (the PET's
+    options, e.g. :class:`AdapterTuned`'s ``adapter_dim``); ``finetune`` builds none. Inherited
+    hyperparameters: ``prototype_batch_size`` (128) and ``cache_features`` (true).
 ``tuned_features(images) -> [B, D]``
     the adapted model's pooled feature (CLS after the final norm for a ViT); dropout of the PET follows
     the learner's train/eval mode (pass ``eval_mode=self`` to ``extract_features``).
@@ -59,10 +58,8 @@ into ViT blocks (every PET but ``finetune``) set ``requires_vit``.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import typing
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +71,6 @@ from pilot.backbones.ssf import SSFParams, ssf_active
 from pilot.backbones.vpt import VisualPrompts, visual_prompts_active
 from pilot.data.pipeline import Batch, SessionData
 from pilot.data.scenario import SessionInfo
-from pilot.errors import ConfigError
 from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.classifiers import CosineLinear
 from pilot.modules.features import FeatureCache, FeatureFn
@@ -86,27 +82,26 @@ PetKind = Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"]
 class FirstSessionTuned(Learner):
     """Session 0: PET + cosine head trained with CE; afterwards the tuned model is frozen (see the module doc)."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        pet: PetSpec,
-        prototype_batch_size: PositiveInt = 128,
-        cache_features: bool = True,
-    ) -> None:
-        super().__init__(setup)
-        self.prototype_batch_size, self.eval_batch_size = prototype_batch_size, self.eval_batch_size
-        self.cache_features = cache_features
-        self.pet_kind = pet.kind
+    pet_kind: ClassVar[PetKind] = "finetune"  # set by each subclass, with build_pet
+
+    prototype_batch_size: PositiveInt = 128
+    cache_features: bool = True
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.tuned_backbone: Backbone | None = None
-        if pet.kind == "finetune":
+        if self.pet_kind == "finetune":
             self.tuned_backbone = copy.deepcopy(self.backbone)  # before freeze(): the copy trains in session 0
             self.tuned_backbone.requires_grad_(True)
         self.backbone.freeze()
-        self.pet = build_pet(pet, self.backbone)
+        self.pet = self.build_pet()
         self.first_head = CosineLinear(self.backbone.feature_dim, learn_sigma=True)
         self._tuned = False
         self.features = FeatureCache()
+
+    def build_pet(self) -> nn.Module | None:
+        """The PET module on the frozen ViT, from the subclass's options (None: ``finetune``, no module)."""
+        return None
 
     # ------------------------------------------------------------------------------ hooks
     def begin_session(self, info: SessionInfo) -> None:
@@ -125,7 +120,6 @@ class FirstSessionTuned(Learner):
             return F.cross_entropy(self.first_head(self.tuned_features(batch.images)), batch.labels - known)
 
         self.train_epochs(session, loss_fn, params=[*self.tuned_parameters(), *self.first_head.parameters()])
-        self.zero_grad(set_to_none=True)
         self.freeze_tuned()
 
     # --------------------------------------------------------------------------- features
@@ -184,45 +178,17 @@ class AdapterTuned(FirstSessionTuned):
     """:class:`FirstSessionTuned` with one AdaptFormer adapter set (FeCAM, RanPAC: width, dropout, scale)."""
 
     requires_vit = True
+    pet_kind = "adapter"
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        adapter_dim: PositiveInt = 64,
-        adapter_dropout: Probability = 0.1,
-        adapter_scale: NonNegativeFloat = 0.1,
-        **base: Any,
-    ) -> None:
-        pet = PetSpec("adapter", adapter_dim, adapter_dropout, adapter_scale)
-        super().__init__(setup, pet=pet, **base)
+    adapter_dim: PositiveInt = 64
+    adapter_dropout: Probability = 0.1
+    adapter_scale: NonNegativeFloat = 0.1
+
+    def build_pet(self) -> nn.Module:
+        return AdapterSet.for_vit(self.backbone.vit, self.adapter_dim, self.adapter_dropout, self.adapter_scale)
 
 
 # ---------------------------------------------------------------------------------- PET modules
-@dataclasses.dataclass(frozen=True)
-class PetSpec:
-    """Which PET session 0 trains, with its options (the other kinds' options are not used)."""
-
-    kind: PetKind
-    adapter_dim: int = 64
-    adapter_dropout: float = 0.1
-    adapter_scale: float = 0.1
-    prompt_tokens: int = 5
-
-
-def build_pet(spec: PetSpec, backbone: Backbone) -> nn.Module | None:
-    """The PET module ``spec`` describes on ``backbone``'s ViT (None for ``finetune``)."""
-    if spec.kind == "finetune":
-        return None
-    if spec.kind == "adapter":
-        return AdapterSet.for_vit(backbone.vit, spec.adapter_dim, spec.adapter_dropout, spec.adapter_scale)
-    if spec.kind == "ssf":
-        return SSFParams.for_vit(backbone.vit)
-    if spec.kind in ("vpt_shallow", "vpt_deep"):  # zero init, as PILOT
-        return VisualPrompts.for_vit(backbone.vit, spec.prompt_tokens, deep=spec.kind == "vpt_deep")
-    raise ConfigError(f"pet={spec.kind!r}: choose one of {', '.join(typing.get_args(PetKind))}")
-
-
 def pet_active(backbone: Backbone, pet: nn.Module | None) -> AbstractContextManager[Any]:
     """A context in which ``backbone(images)`` runs with ``pet`` attached to its (unmodified) ViT."""
     if isinstance(pet, AdapterSet):

@@ -101,32 +101,23 @@ class FOSTER(ReplayLearner):
     head: FP32Linear | None
     teacher: BoostedTeacher | None
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        beta1: Probability = 0.96,
-        beta2: Probability = 0.97,
-        oofc: Literal["ft", "az"] = "ft",
-        lambda_okd: NonNegativeFloat = 1.0,
-        T: PositiveFloat = 2.0,
-        teacher_weight_align: bool = False,
-        student_weight_align: bool = False,
-        wa_value: PositiveFloat = 1.0,
-        compression_optimizer: OptimizerFactory = partial(SGD, lr=1e-3, momentum=0.9),
-        compression_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20),
-        compression_epochs: NonNegativeInt = 20,
-        evaluate_with: Literal["teacher", "student"] = "teacher",
-        fixed_memory: bool = True,
-        init_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20),
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, fixed_memory=fixed_memory, init_scheduler=init_scheduler, **base)
-        self.beta1, self.beta2, self.oofc, self.lambda_okd, self.T = beta1, beta2, oofc, lambda_okd, float(T)
-        self.teacher_weight_align, self.student_weight_align = teacher_weight_align, student_weight_align
-        self.wa_value, self.evaluate_with = wa_value, evaluate_with
-        self.compression_optimizer, self.compression_scheduler = compression_optimizer, compression_scheduler
-        self.compression_epochs = int(compression_epochs)
+    beta1: Probability = 0.96
+    beta2: Probability = 0.97
+    oofc: Literal["ft", "az"] = "ft"
+    lambda_okd: NonNegativeFloat = 1.0
+    T: PositiveFloat = 2.0
+    teacher_weight_align: bool = False
+    student_weight_align: bool = False
+    wa_value: PositiveFloat = 1.0
+    compression_optimizer: OptimizerFactory = partial(SGD, lr=1e-3, momentum=0.9)
+    compression_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20)
+    compression_epochs: NonNegativeInt = 20
+    evaluate_with: Literal["teacher", "student"] = "teacher"
+    fixed_memory: bool = True
+    init_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=20)
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.register_module("head", None)  # the student's head W_s (session 0: the only head)
         self.register_module("teacher", None)
 
@@ -147,7 +138,7 @@ class FOSTER(ReplayLearner):
         head = self.head
         assert head is not None
         if self.known == 0:
-            self.train_session_epochs(session, lambda b: F.cross_entropy(head(self.backbone(b.images)), b.labels))
+            self.train_epochs(session, lambda b: F.cross_entropy(head(self.backbone(b.images)), b.labels))
             return
         self.teacher = BoostedTeacher(self.backbone, head, self.known, self.total)
         counts = self.class_counts(session)
@@ -187,7 +178,7 @@ class FOSTER(ReplayLearner):
             losses = self.boosting_losses(batch, weights)
             return losses["clf"] + losses["fe"] + losses["kd"]
 
-        self.train_session_epochs(session, loss_fn, params=teacher)
+        self.train_epochs(session, loss_fn, params=teacher)
         if hook is not None:
             hook.remove()
         teacher.requires_grad_(False)

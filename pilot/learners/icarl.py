@@ -55,11 +55,11 @@ def icarl_bce_loss(logits: torch.Tensor, old_logits: torch.Tensor | None, labels
 class ICaRL(ReplayLearner, LinearHeadLearner):
     """Fine-tuned backbone + growing linear head; CE + KD on new data and exemplars; NME."""
 
-    def __init__(
-        self, setup: LearnerSetup, *, T: PositiveFloat = 2.0, loss: Literal["ce_kd", "bce"] = "ce_kd", **base: Any
-    ) -> None:
-        super().__init__(setup, **base)
-        self.T, self.loss = float(T), loss
+    T: PositiveFloat = 2.0
+    loss: Literal["ce_kd", "bce"] = "ce_kd"
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
 
     def train_session(self, session: SessionData) -> None:
         known, head = self.known, self.head
@@ -77,7 +77,7 @@ class ICaRL(ReplayLearner, LinearHeadLearner):
             loss = F.cross_entropy(logits, batch.labels)
             return loss if old is None else loss + kd_loss(logits[:, :known], old, self.T)
 
-        self.train_session_epochs(session, loss_fn)
+        self.train_epochs(session, loss_fn)
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:

@@ -16,6 +16,8 @@ at every session.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pilot.learners.base import LearnerSetup
@@ -23,29 +25,18 @@ from pilot.learners.prompt_pool_learner import PromptPoolLearner
 from pilot.modules.classifiers import linear_head
 from pilot.modules.prompt_pools import PromptPool
 from pilot.registry import register_learner
-from pilot.schema import NonNegativeFloat, PositiveInt
+from pilot.schema import PositiveInt
 
 
 @register_learner("l2p")
 class L2P(PromptPoolLearner):
     """Prompt pool with key-query selection, prompt tuning, one linear head over all classes."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        pool_size: PositiveInt = 10,
-        prompt_length: PositiveInt = 5,
-        top_k: PositiveInt = 5,
-        batchwise_prompt: bool = True,
-        batchwise_prompt_eval: bool = True,
-        vote_batch_size: PositiveInt = 16,
-        pull_coeff: NonNegativeFloat = 0.1,
-    ) -> None:
-        super().__init__(setup)
-        self.set_selection(self.eval_batch_size, vote_batch_size, batchwise_prompt, batchwise_prompt_eval, pull_coeff)
-        self.top_k, self.prompt_length = int(top_k), int(prompt_length)
-        self.pool = PromptPool(int(pool_size), self.prompt_length, self.vit.dim, self.top_k)
+    prompt_length: PositiveInt = 5  # the pool's other settings: PromptPoolLearner
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        self.pool = PromptPool(self.pool_size, self.prompt_length, self.vit.dim, self.top_k)
         self.head = linear_head(self.vit.dim, self.scenario.num_classes)
 
     def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:

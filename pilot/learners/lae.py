@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,33 +72,30 @@ class LAE(Learner):
 
     requires_vit = True
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        num_freeze_epochs: NonNegativeInt = 3,
-        pet: Literal["prefix", "adapter", "lora"] = "prefix",
-        pet_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4),
-        pet_length: PositiveInt = 10,
-        pet_rank: PositiveInt = 5,
-        prefix_compensation: bool = True,
-        ema_decay: Probability = 0.9999,
-        freeze_first_session: bool = False,
-        offline_from_start: bool = False,
-        head_init: Literal["pilot", "official"] = "pilot",
-    ) -> None:
-        super().__init__(setup)
+    num_freeze_epochs: NonNegativeInt = 3
+    pet: Literal["prefix", "adapter", "lora"] = "prefix"
+    pet_layers: Sequence[NonNegativeInt] = (0, 1, 2, 3, 4)
+    pet_length: PositiveInt = 10
+    pet_rank: PositiveInt = 5
+    prefix_compensation: bool = True
+    ema_decay: Probability = 0.9999
+    freeze_first_session: bool = False
+    offline_from_start: bool = False
+    head_init: Literal["pilot", "official"] = "pilot"
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.backbone.freeze()
         self.eval_batch_size = int(self.eval_batch_size)
-        self.num_freeze_epochs, self.ema_decay = int(num_freeze_epochs), float(ema_decay)
-        self.freeze_first_session, self.offline_from_start = bool(freeze_first_session), bool(offline_from_start)
-        self.layers = [int(i) for i in pet_layers]
+        self.layers = [int(i) for i in self.pet_layers]
         vit = self.backbone.vit
-        check_pet_layers(vit, pet, self.layers)
+        check_pet_layers(vit, self.pet, self.layers)
         dim = int(vit.embed_dim)
-        self.online = build_pets(pet, dim, len(self.layers), int(pet_length), int(pet_rank), bool(prefix_compensation))
+        self.online = build_pets(
+            self.pet, dim, len(self.layers), self.pet_length, self.pet_rank, self.prefix_compensation
+        )
         self.offline = copy.deepcopy(self.online).requires_grad_(False)
-        self.head = lae_head(dim, self.scenario.num_classes, head_init)
+        self.head = lae_head(dim, self.scenario.num_classes, self.head_init)
         self.session = 0
 
     # ------------------------------------------------------------------------------ structure

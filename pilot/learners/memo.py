@@ -56,20 +56,15 @@ class MEMO(DER):
 
     requires_vit = True
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        specialized_blocks: PositiveInt = 1,
-        specialized_init: Literal["pretrained", "random"] = "pretrained",
-        train_base: bool = False,
-        train_adaptive: bool = False,
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, **base)
-        self.specialized_init, self.train_base, self.train_adaptive = specialized_init, train_base, train_adaptive
+    specialized_blocks: PositiveInt = 1
+    specialized_init: Literal["pretrained", "random"] = "pretrained"
+    train_base: bool = False
+    train_adaptive: bool = False
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         vit = self.backbone.vit
-        self.split = len(vit.blocks) - int(specialized_blocks)
+        self.split = len(vit.blocks) - self.specialized_blocks
         # The trunk's last blocks and final norm are the source of s_0 only: never trained in place.
         vit.blocks[self.split :].requires_grad_(False)
         vit.norm.requires_grad_(False)

@@ -76,47 +76,44 @@ class MOS(Learner):
     requires_vit = True
     class_task: torch.Tensor
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        head_lr_scale: NonNegativeFloat = 0.1,
-        adapter_dim: PositiveInt = 16,
-        adapter_dropout: Probability = 0.1,
-        adapter_scale: NonNegativeFloat = 0.1,
-        adapter_momentum: Probability = 0.1,
-        adapter_drift: bool = True,
-        orthogonality_weight: NonNegativeFloat = 0.1,
-        orthogonality_temperature: PositiveFloat = 0.8,
-        ca_epochs: NonNegativeInt = 30,
-        ca_optimizer: OptimizerFactory = partial(SGD, lr=0.005, momentum=0.9, weight_decay=5e-4),
-        ca_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=30),
-        ca_samples_per_class: PositiveInt = 240,
-        ca_storage: Literal["covariance", "variance", "multi-centroid"] = "covariance",
-        covariance_shrink: NonNegativeFloat = 1e-4,
-        refine_rounds: PositiveInt = 4,
-        ensemble: bool = True,
-        prototype_batch_size: PositiveInt = 128,
-    ) -> None:
-        super().__init__(setup)
-        self.head_lr_scale, self.adapter_momentum, self.adapter_drift = head_lr_scale, adapter_momentum, adapter_drift
-        self.orthogonality_weight, self.orthogonality_temperature = orthogonality_weight, orthogonality_temperature
-        self.ca_epochs, self.refine_rounds, self.ensemble = ca_epochs, refine_rounds, ensemble
-        n = ca_samples_per_class  # classifier alignment: n samples of every class per epoch, in batches of n
-        ca = partial(align_classifier, epochs=ca_epochs, optimizer=ca_optimizer, runtime=self.runtime, tau=None)
-        self.align = partial(ca, scheduler=ca_scheduler, samples_per_class=n, batch_size=n)  # tau None: plain CE
-        self.prototype_batch_size = prototype_batch_size
+    head_lr_scale: NonNegativeFloat = 0.1
+    adapter_dim: PositiveInt = 16
+    adapter_dropout: Probability = 0.1
+    adapter_scale: NonNegativeFloat = 0.1
+    adapter_momentum: Probability = 0.1
+    adapter_drift: bool = True
+    orthogonality_weight: NonNegativeFloat = 0.1
+    orthogonality_temperature: PositiveFloat = 0.8
+    ca_epochs: NonNegativeInt = 30
+    ca_optimizer: OptimizerFactory = partial(SGD, lr=0.005, momentum=0.9, weight_decay=5e-4)
+    ca_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=30)
+    ca_samples_per_class: PositiveInt = 240
+    ca_storage: Literal["covariance", "variance", "multi-centroid"] = "covariance"
+    covariance_shrink: NonNegativeFloat = 1e-4
+    refine_rounds: PositiveInt = 4
+    ensemble: bool = True
+    prototype_batch_size: PositiveInt = 128
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        n = self.ca_samples_per_class  # classifier alignment: n samples of every class per epoch, in batches of n
+        ca = partial(
+            align_classifier, epochs=self.ca_epochs, optimizer=self.ca_optimizer, runtime=self.runtime, tau=None
+        )
+        self.align = partial(ca, scheduler=self.ca_scheduler, samples_per_class=n, batch_size=n)  # tau None: plain CE
         # with drift, an evaluation batch holds whole reference test batches (merge blocks of batch_size)
         aligned = max(self.batch_size, self.eval_batch_size // self.batch_size * self.batch_size)
-        self.eval_batch_size = aligned if adapter_drift else self.eval_batch_size
+        self.eval_batch_size = aligned if self.adapter_drift else self.eval_batch_size
         self.backbone.freeze()
         dim = self.backbone.feature_dim
-        self.current = AdapterSet.for_vit(self.backbone.vit, adapter_dim, adapter_dropout, adapter_scale)  # trains
+        self.current = AdapterSet.for_vit(
+            self.backbone.vit, self.adapter_dim, self.adapter_dropout, self.adapter_scale
+        )  # trains
         self.adapters = nn.ModuleList()  # S_t, one frozen snapshot per session (inference)
         self.history = AdapterHistory(self.current)  # prefix sums of the S_t
         self.head = linear_head(dim, self.scenario.num_classes)  # every class of the dataset, trunc-normal .02
         self.prototypes = CosineLinear(dim, learn_sigma=False).requires_grad_(False)  # adapter-0 class means
-        self.stats = ClassGaussians(dim, covariance_shrink)
+        self.stats = ClassGaussians(dim, self.covariance_shrink)
         self.register_buffer("class_task", torch.zeros(0, dtype=torch.long), persistent=False)
         self.features0 = FeatureCache()  # test features under S_0, which never changes once written
 

@@ -12,7 +12,7 @@ ViT (:meth:`PromptPoolLearner.logits`).
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from pilot.learners.base import Learner, LearnerSetup
 from pilot.modules.feature_store import FeatureStore
 from pilot.modules.masking import mask_old_classes, seen_class_logits
 from pilot.modules.prompt_pools import PromptPool, vote_aligned_batch_size
+from pilot.schema import NonNegativeFloat, PositiveInt
 
 
 class PromptPoolLearner(Learner):
@@ -31,24 +32,26 @@ class PromptPoolLearner(Learner):
     requires_vit = True
     pool: PromptPool
 
-    def __init__(self, setup: LearnerSetup, prefix_layers: Sequence[int] = ()) -> None:
-        super().__init__(setup)
+    pool_size: PositiveInt = 10
+    top_k: PositiveInt = 5
+    batchwise_prompt: bool = True  # training batches vote for their prompts
+    batchwise_prompt_eval: bool = True  # test batches vote, in groups of vote_batch_size
+    vote_batch_size: PositiveInt = 16  # the reference's test batch size
+    pull_coeff: NonNegativeFloat = 0.1
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.backbone.freeze()
-        self.vit = PromptedViT(self.backbone.vit, prefix_layers=prefix_layers)
+        self.vit = PromptedViT(self.backbone.vit, prefix_layers=self.prefix_layers())
         # q(x) of test images: the frozen ViT never changes, so they are kept for the run and on disk for the
         # sweep (modules/feature_store.py; pretrained weights only).
         self.queries = FeatureStore(self.runtime, "vit/query")
+        # Test batches are a whole number of vote groups.
+        self.eval_batch_size = vote_aligned_batch_size(self.eval_batch_size, self.vote_batch_size)
 
-    def set_selection(
-        self, eval_batch_size: int, vote_batch_size: int, batchwise: bool, batchwise_eval: bool, pull_coeff: float
-    ) -> None:
-        """Keep the prompt-selection settings the subclass's constructor received (L2P's and DualPrompt's
-        own keyword parameters, which the config schema reads): test batches are a multiple of the vote
-        groups, ``batchwise``/``batchwise_eval`` turn the batch vote on in training/evaluation."""
-        self.vote_batch_size = int(vote_batch_size)
-        self.eval_batch_size = vote_aligned_batch_size(int(eval_batch_size), self.vote_batch_size)
-        self.batchwise_prompt, self.batchwise_prompt_eval = bool(batchwise), bool(batchwise_eval)
-        self.pull_coeff = float(pull_coeff)
+    def prefix_layers(self) -> list[int]:
+        """The ViT blocks that take prefixes (prefix tuning); default none (prompt tuning only)."""
+        return []
 
     @abstractmethod
     def logits(self, images: torch.Tensor, indices: torch.Tensor, group_size: int | None = None) -> torch.Tensor:

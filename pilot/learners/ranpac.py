@@ -64,25 +64,20 @@ class RanPAC(AdapterTuned):
     readout: torch.Tensor  # [seen classes, M] float32: the rows of W_o^T
     ridge: torch.Tensor  # lambda chosen in the last session (float64 scalar)
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        projection_dim: PositiveInt = 10000,
-        projection_seed: Seed | None = None,
-        ridge_candidates: Sequence[PositiveFloat] = RIDGE_CANDIDATES,
-        ridge_fit_fraction: Probability = 0.8,
-        scoring: Literal["cosine", "raw"] = "cosine",
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, **base)
-        self.ridge_candidates = [float(r) for r in ridge_candidates]
-        self.ridge_fit_fraction, self.scoring = float(ridge_fit_fraction), scoring
+    projection_dim: PositiveInt = 10000
+    projection_seed: Seed | None = None
+    ridge_candidates: Sequence[PositiveFloat] = RIDGE_CANDIDATES
+    ridge_fit_fraction: Probability = 0.8
+    scoring: Literal["cosine", "raw"] = "cosine"
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        self.ridge_candidates = [float(r) for r in self.ridge_candidates]
         # projection_seed None: W comes from the global generator, which follows the run seed (as the reference).
-        generator = None if projection_seed is None else torch.Generator().manual_seed(projection_seed)
+        generator = None if self.projection_seed is None else torch.Generator().manual_seed(self.projection_seed)
         classes = self.scenario.num_classes
-        self.statistics = RidgeStatistics(self.backbone.feature_dim, projection_dim, classes, generator)
-        self.register_buffer("readout", torch.zeros(0, projection_dim))
+        self.statistics = RidgeStatistics(self.backbone.feature_dim, self.projection_dim, classes, generator)
+        self.register_buffer("readout", torch.zeros(0, self.projection_dim))
         self.register_buffer("ridge", torch.zeros((), dtype=torch.float64))
 
     @classmethod

@@ -16,8 +16,8 @@ It declares once what those learners share (LAMDA-PILOT ``models/base.py`` and `
 * nearest-mean-of-exemplars scores :meth:`predict_nme`, which the run's evaluator reports as
   ``acc_nme`` next to the classifier's ``acc`` (PILOT's ``nme_accy`` beside ``cnn_accy``).
 
-Subclasses forward ``**base`` to ``super().__init__`` and implement ``predict`` (and training).
-:class:`SessionTrainedLearner` (the ``init_*`` settings and :meth:`~SessionTrainedLearner.train_session_epochs`
+Subclasses declare their own hyperparameters as fields and implement ``predict`` (and training).
+:class:`SessionTrainedLearner` (the ``init_*`` settings in :meth:`~SessionTrainedLearner.session_training`,
 without a memory) is also the base of Finetune; :class:`LinearHeadLearner` the network of Finetune, iCaRL
 and DGR (a trained backbone and one growing linear head). :func:`grown_linear` is PILOT's growing ``SimpleLinear``
 head (``IncrementalNet.update_fc``); :func:`kd_loss` its logit distillation (``_KD_loss``).
@@ -26,7 +26,6 @@ head (``IncrementalNet.update_fc``); :func:`kd_loss` its logit distillation (``_
 from __future__ import annotations
 
 import copy
-import inspect
 from functools import partial
 from typing import Any, Literal, Mapping
 
@@ -38,9 +37,8 @@ from torch.optim.lr_scheduler import MultiStepLR
 from pilot.backbones.backbone import Backbone
 from pilot.data.pipeline import Batch, BatchStream, SessionData
 from pilot.data.scenario import Scenario, SessionInfo
-from pilot.errors import ConfigError
 from pilot.learners.base import Learner, LearnerSetup
-from pilot.learners.training import LossFn, OptimizerFactory, ParamGroups, SchedulerFactory, train_trainable
+from pilot.learners.training import OptimizerFactory, SchedulerFactory
 from pilot.modules.exemplar_memory import ExemplarMemory, check_memory_fits
 from pilot.modules.features import evaluating
 from pilot.modules.precision import FP32Linear
@@ -83,16 +81,12 @@ class SessionTrainedLearner(Learner):
     """A learner that trains with its own settings in session 0 (PILOT's ``init_*`` keys) and the
     :class:`~pilot.learners.base.Training` settings afterwards (Finetune, and every replay learner)."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        init_optimizer: OptimizerFactory = partial(SGD, lr=1e-3, momentum=0.9, weight_decay=5e-4),
-        init_scheduler: SchedulerFactory | None = partial(MultiStepLR, milestones=[60, 120, 170], gamma=0.1),
-        init_epochs: PositiveInt = 20,
-    ) -> None:
-        super().__init__(setup)
-        self.init_optimizer, self.init_scheduler, self.init_epochs = init_optimizer, init_scheduler, int(init_epochs)
+    init_optimizer: OptimizerFactory = partial(SGD, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    init_scheduler: SchedulerFactory | None = partial(MultiStepLR, milestones=[60, 120, 170], gamma=0.1)
+    init_epochs: PositiveInt = 20
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.session_index = -1
 
     def begin_session(self, info: SessionInfo) -> None:
@@ -100,35 +94,10 @@ class SessionTrainedLearner(Learner):
         self.session_index = info.index
 
     def session_training(self) -> tuple[OptimizerFactory, SchedulerFactory | None, int]:
-        """(optimizer, scheduler, epochs) of the current session: the ``init_*`` settings in session 0,
-        the :class:`~pilot.learners.base.Training` ones afterwards."""
+        """The ``init_*`` settings in session 0, the :class:`~pilot.learners.base.Training` ones afterwards."""
         if self.session_index <= 0:
             return self.init_optimizer, self.init_scheduler, self.init_epochs
-        if self.optimizer is None:
-            raise ConfigError(f"method.optimizer is not set: {type(self).__name__} trains after session 0")
-        return self.optimizer, self.scheduler, self.epochs
-
-    def session_batches(self, session: SessionData) -> BatchStream:
-        """What a session trains on: its new classes' training images (shuffled, train transform)."""
-        return session.train_batches(self.batch_size)
-
-    def train_session_epochs(
-        self,
-        session: SessionData,
-        loss_fn: LossFn,
-        params: nn.Module | ParamGroups | None = None,
-        batches: BatchStream | None = None,
-    ) -> list[float]:
-        """The shared epoch loop with :meth:`session_training`'s settings: a fresh optimiser over ``params``
-        (default: every trainable parameter) on ``batches`` (default: :meth:`session_batches`)."""
-        optimizer, scheduler, epochs = self.session_training()
-        batches = self.session_batches(session) if batches is None else batches
-        desc = f"{type(self).__name__} s{session.info.index}"
-        losses = train_trainable(
-            self if params is None else params, batches, epochs, loss_fn, optimizer, self.runtime, scheduler, desc
-        )
-        self.zero_grad(set_to_none=True)  # free the gradients before evaluation
-        return losses
+        return super().session_training()
 
 
 class LinearHeadLearner(SessionTrainedLearner):
@@ -137,8 +106,8 @@ class LinearHeadLearner(SessionTrainedLearner):
 
     head: FP32Linear | None
 
-    def __init__(self, setup: LearnerSetup, **base: Any) -> None:
-        super().__init__(setup, **base)
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
         self.register_module("head", None)
 
     def begin_session(self, info: SessionInfo) -> None:
@@ -156,26 +125,20 @@ class LinearHeadLearner(SessionTrainedLearner):
 class ReplayLearner(SessionTrainedLearner):
     """A learner with an exemplar memory: replay batches, memory updates and NME scores."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        memory_size: NonNegativeInt = 2000,
-        memory_per_class: NonNegativeInt = 20,
-        fixed_memory: bool = False,
-        memory_selection: Literal["herding", "random"] = "herding",
-        **base: Any,
-    ) -> None:
-        super().__init__(setup, **base)
-        self.memory = ExemplarMemory(memory_size, memory_per_class, fixed_memory, memory_selection)
+    memory_size: NonNegativeInt = 2000
+    memory_per_class: NonNegativeInt = 20
+    fixed_memory: bool = False
+    memory_selection: Literal["herding", "random"] = "herding"
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        self.memory = ExemplarMemory(self.memory_size, self.memory_per_class, self.fixed_memory, self.memory_selection)
         self._last_features: tuple[Batch, torch.Tensor] | None = None  # predict/predict_nme share one pass
 
     @classmethod
     def check_requirements(cls, backbone: Backbone, scenario: Scenario, params: Mapping[str, Any]) -> None:
         super().check_requirements(backbone, scenario, params)
-        defaults = inspect.signature(ReplayLearner.__init__).parameters  # settings a subclass was not given
-        size, per_class, fixed = (params.get(k, defaults[k].default) for k in MEMORY_KEYS)
-        check_memory_fits(size, per_class, fixed, scenario)
+        check_memory_fits(params["memory_size"], params["memory_per_class"], params["fixed_memory"], scenario)
 
     # ------------------------------------------------------------------------------ hooks
     def begin_session(self, info: SessionInfo) -> None:

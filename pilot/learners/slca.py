@@ -34,7 +34,7 @@ fixed ones, SimpleCIL 78.2). ViTs have no BatchNorm. Statistics passes run in ev
 from __future__ import annotations
 
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,34 +70,25 @@ class SLCA(Learner):
     aligned_weight: torch.Tensor  # [seen classes, D] buffers: the aligned heads predict uses
     aligned_bias: torch.Tensor
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        backbone_lr_scale: NonNegativeFloat = 0.01,
-        ca_optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        ca_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=3),
-        ca_epochs: NonNegativeInt = 3,
-        ca_samples_per_class: PositiveInt = 256,
-        ca_batch_size: PositiveInt = 256,
-        ca_logit_norm: PositiveFloat | None = 0.1,
-        covariance_shrink: NonNegativeFloat = 1e-4,
-        reference_session_mapping: bool = False,
-        freeze_batchnorm_stats: bool = True,
-        stats_batch_size: PositiveInt = 128,
-    ) -> None:
-        super().__init__(setup)
-        self.backbone_lr_scale, self.ca_epochs = backbone_lr_scale, ca_epochs
-        self.ca_optimizer, self.ca_scheduler = ca_optimizer, ca_scheduler  # ca_scheduler None: a constant lr
-        self.ca_samples_per_class, self.ca_batch_size = ca_samples_per_class, ca_batch_size
-        self.ca_logit_norm = ca_logit_norm
-        self.reference_session_mapping, self.freeze_batchnorm_stats = reference_session_mapping, freeze_batchnorm_stats
-        self.stats_batch_size, self.eval_batch_size = stats_batch_size, self.eval_batch_size
-        if backbone_lr_scale == 0:  # the reference's fix_bcb: heads only
+    backbone_lr_scale: NonNegativeFloat = 0.01
+    ca_optimizer: OptimizerFactory = partial(SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    ca_scheduler: SchedulerFactory | None = partial(CosineAnnealingLR, T_max=3)
+    ca_epochs: NonNegativeInt = 3
+    ca_samples_per_class: PositiveInt = 256
+    ca_batch_size: PositiveInt = 256
+    ca_logit_norm: PositiveFloat | None = 0.1
+    covariance_shrink: NonNegativeFloat = 1e-4
+    reference_session_mapping: bool = False
+    freeze_batchnorm_stats: bool = True
+    stats_batch_size: PositiveInt = 128
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)
+        if self.backbone_lr_scale == 0:  # the reference's fix_bcb: heads only
             self.backbone.freeze()
         dim = self.backbone.feature_dim
         self.heads = nn.ModuleList()  # stage-1 heads, one per session
-        self.stats = ClassGaussians(dim, covariance_shrink)
+        self.stats = ClassGaussians(dim, self.covariance_shrink)
         self.register_buffer("aligned_weight", torch.zeros(0, dim))  # heads used by predict
         self.register_buffer("aligned_bias", torch.zeros(0))
 

@@ -114,29 +114,16 @@ def train_trainable(
     runtime: Runtime,
     scheduler: SchedulerFactory | None = None,
     desc: str = "train",
-    *,
-    on_epoch: EpochHook | None = None,
-    grad_clip: float | None = None,
-    after_step: Callable[[], None] | None = None,
+    **options: Any,
 ) -> list[float]:
     """:func:`train_epochs` with a fresh optimiser (and scheduler): the reference rebuilds the optimiser
     at every session (``reinit_optimizer``), so no moment estimates carry over between sessions.
 
     ``params``: a module (every parameter of it that requires a gradient), or the parameters or
-    parameter groups to hand to ``optimizer`` as they are."""
+    parameter groups to hand to ``optimizer`` as they are. ``options``: :func:`train_epochs`'s keyword
+    options (``on_epoch``, ``grad_clip``, ``after_step``)."""
     opt, sched = build_optimizer(params, optimizer, scheduler)
-    return train_epochs(
-        batches,
-        epochs,
-        loss_fn,
-        opt,
-        runtime,
-        sched,
-        desc,
-        on_epoch=on_epoch,
-        grad_clip=grad_clip,
-        after_step=after_step,
-    )
+    return train_epochs(batches, epochs, loss_fn, opt, runtime, sched, desc, **options)
 
 
 def build_optimizer(

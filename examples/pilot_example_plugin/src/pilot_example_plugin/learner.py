@@ -14,6 +14,8 @@ backbone and the search for ``ridge`` on held-out data.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -28,24 +30,21 @@ from pilot.schema import PositiveFloat, PositiveInt, Seed
 class RanPACMini(Learner):
     """Random ReLU projection of frozen features + closed-form ridge regression; no gradient training."""
 
-    def __init__(
-        self,
-        setup: LearnerSetup,
-        *,
-        projection_dim: PositiveInt = 1000,
-        ridge: PositiveFloat = 1.0,
-        projection_seed: Seed = 0,
-    ) -> None:
-        super().__init__(setup)  # backbone, scenario, runtime; batch_size and eval_batch_size from the YAML
-        self.ridge = ridge
+    # Hyperparameters: annotated class attributes with the reference default (method.ridge=... in YAML).
+    projection_dim: PositiveInt = 1000
+    ridge: PositiveFloat = 1.0
+    projection_seed: Seed = 0
+
+    def __init__(self, setup: LearnerSetup, **settings: Any) -> None:
+        super().__init__(setup, **settings)  # sets self.ridge etc.; backbone, scenario, runtime, batch sizes
         self.backbone.freeze()  # frozen: its weights stay out of checkpoints
-        generator = torch.Generator().manual_seed(projection_seed)
+        generator = torch.Generator().manual_seed(self.projection_seed)
         # Buffers are in state_dict(), so a resumed run continues with the same P, G, C and W.
         dim = self.backbone.feature_dim
-        self.register_buffer("projection", torch.randn(dim, projection_dim, generator=generator))
-        self.register_buffer("gram", torch.zeros(projection_dim, projection_dim, dtype=torch.float64))
-        self.register_buffer("targets", torch.zeros(projection_dim, 0, dtype=torch.float64))
-        self.register_buffer("readout", torch.zeros(projection_dim, 0))
+        self.register_buffer("projection", torch.randn(dim, self.projection_dim, generator=generator))
+        self.register_buffer("gram", torch.zeros(self.projection_dim, self.projection_dim, dtype=torch.float64))
+        self.register_buffer("targets", torch.zeros(self.projection_dim, 0, dtype=torch.float64))
+        self.register_buffer("readout", torch.zeros(self.projection_dim, 0))
         self.features = FeatureCache()  # test features of the frozen backbone, computed once per run
 
     def begin_session(self, info: SessionInfo) -> None:
