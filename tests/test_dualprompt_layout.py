@@ -35,7 +35,9 @@ def _learner(reference: bool, **kwargs) -> DualPrompt:
 def _own_rows(learner: DualPrompt, ids: list[int], layer: int, row: int) -> torch.Tensor:
     """Key (``row`` 0) or value (``row`` 1) prefix of E-layer ``layer`` for one sample that selected
     pool entries ``ids``: the ``k`` entries' rows concatenated, ``[k * length, C]``."""
-    entries = [learner.e_pool.prompts[i].view(len(learner.e_prompt_layers), 2, learner.e_prompt_length, -1) for i in ids]
+    entries = [
+        learner.e_pool.prompts[i].view(len(learner.e_prompt_layers), 2, learner.e_prompt_length, -1) for i in ids
+    ]
     return torch.cat([entry[layer, row] for entry in entries])
 
 
