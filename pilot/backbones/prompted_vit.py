@@ -29,6 +29,7 @@ CLS token after the final LayerNorm.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from functools import partial
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -136,22 +137,53 @@ def prompting(
 ) -> Iterator[None]:
     """Within this context, ``vit.forward_features`` inserts ``tokens`` after CLS and runs
     :func:`prefix_attention` with ``prefixes[i]`` in block ``i``. Everything is undone on exit."""
+    handles, patched = _install(vit, tokens, prefixes or {})
+    try:
+        yield
+    finally:
+        _remove(handles, patched)
+
+
+# Installing and removing run eagerly, outside any compiled graph (torch.compile cannot replay the
+# attribute patching), and each attention module gets one patched forward for good, which reads its
+# prefix from the module: compiled code then sees the same forward object at every step (no recompiles).
+_PREFIXED_FORWARD: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_PREFIX_ATTRIBUTE = "_pilot_prefix"
+
+
+def _prefixed_forward(attn: Attention, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    keys, values = getattr(attn, _PREFIX_ATTRIBUTE)
+    return prefix_attention(attn, x, keys, values, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _install(
+    vit: VisionTransformer, tokens: torch.Tensor | None, prefixes: Mapping[int, Prefix]
+) -> tuple[list[Any], list[nn.Module]]:
     handles, patched = [], []
     try:
         if tokens is not None:
             handles.append(vit.patch_drop.register_forward_hook(lambda _m, _i, out: _insert_tokens(vit, tokens, out)))
-        for layer, (keys, values) in (prefixes or {}).items():
+        for layer, prefix in prefixes.items():
             attn: Any = vit.blocks[layer].attn  # a timm Attention (checked by PromptedViT); forward is patched
-            # An instance attribute shadows the class's forward for this call only; the module,
-            # its parameters and their names are untouched.
-            attn.forward = partial(prefix_attention, attn, key_prefix=keys, value_prefix=values)
+            # Instance attributes shadow the class's forward for this call only; the module, its
+            # parameters and their names are untouched.
+            object.__setattr__(attn, _PREFIX_ATTRIBUTE, prefix)
+            attn.forward = _PREFIXED_FORWARD.setdefault(attn, partial(_prefixed_forward, attn))
             patched.append(attn)
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for attn in patched:
-            del attn.forward
+    except BaseException:
+        _remove(handles, patched)
+        raise
+    return handles, patched
+
+
+@torch.compiler.disable
+def _remove(handles: list[Any], patched: list[nn.Module]) -> None:
+    for handle in handles:
+        handle.remove()
+    for attn in patched:
+        del attn.forward
+        object.__delattr__(attn, _PREFIX_ATTRIBUTE)
 
 
 class PromptedViT:
@@ -224,4 +256,7 @@ class PromptedViT:
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen query feature q(x): the unprompted ViT's pooled feature (CLS after the final norm
         for the reference ViTs), without gradients. Call it once per batch and reuse it."""
+        # Compiled steps: the frozen query pass is a graph of its own, so the session-dependent prompt
+        # selection that follows it recompiles without recompiling this ViT pass.
+        torch._dynamo.graph_break()
         return self.pooled(self.vit.forward_features(images))
