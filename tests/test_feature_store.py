@@ -288,3 +288,45 @@ def test_prompt_learners_read_their_test_queries_from_the_store(tmp_path, method
     assert (second.queries.hits, second.queries.misses) == (n, 0)
     for a, b in zip(logits, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_aper_reads_its_pretrained_branch_from_the_store_and_changes_no_number(tmp_path):
+    """APER's pretrained branch is a frozen function: a second run reads its prototype and test features
+    from the store (SimpleCIL's key), computes only the tuned branch, and ends with the same head and logits
+    as a run without a store."""
+    from pilot.api import make_learner
+    from pilot.backbones.factory import create_timm_backbone
+    from pilot.data.datasets import synthetic
+    from pilot.data.pipeline import TEST, DataPipeline
+    from pilot.data.scenario import make_scenario
+    from pilot.data.transforms import ImageTransforms
+
+    def session_zero(source: FeatureSource | None):
+        torch.manual_seed(0)
+        backbone = create_timm_backbone(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            input_size=32,
+            model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
+        )
+        runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
+        runtime.feature_source = source
+        scenario = make_scenario(4, 2, 2)
+        pipeline = DataPipeline(synthetic(num_classes=4), scenario, ImageTransforms(32), runtime)
+        learner = make_learner("aper_adapter", backbone, scenario, runtime, epochs=1, batch_size=8)
+        learner.fit(pipeline.session(scenario.sessions[0]))
+        logits = [learner.eval().predict(b) for b in pipeline.eval_batches(TEST, range(0, 2), 8)]
+        return learner, runtime, logits
+
+    source = FeatureSource(tmp_path, IDENTITY, 2**30)
+    first, runtime, first_logits = session_zero(source)
+    n_train, n_test = first.pretrained.misses - sum(len(x) for x in first_logits), sum(len(x) for x in first_logits)
+    assert first.pretrained.hits == 0 and n_train > 0 and n_test > 0
+    runtime.flush_feature_stores()
+    second, _, second_logits = session_zero(source)
+    assert (second.pretrained.hits, second.pretrained.misses) == (n_train + n_test, 0)
+    plain, _, plain_logits = session_zero(None)
+    torch.testing.assert_close(second.head.weight, plain.head.weight, rtol=0, atol=0)
+    for a, b, c in zip(first_logits, second_logits, plain_logits):
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -41,6 +41,7 @@ from pilot.data.scenario import SessionInfo
 from pilot.learners.base import LearnerSetup
 from pilot.learners.first_session import AdapterTuned, FirstSessionTuned, PetKind
 from pilot.modules.classifiers import CosineLinear, class_means
+from pilot.modules.feature_store import FeatureStore
 from pilot.registry import register_learner
 from pilot.schema import PositiveInt
 
@@ -53,23 +54,32 @@ class APER(FirstSessionTuned):
         # Rows are written, never trained, and sigma stays 1 (reference: a fresh CosineLinear whose
         # sigma no optimiser sees after session 0).
         self.head = CosineLinear(2 * self.backbone.feature_dim, learn_sigma=False).requires_grad_(False)
+        # The pretrained branch never changes: its features are kept on disk for the sweep, under the same key
+        # as SimpleCIL's (modules/feature_store.py; pretrained weights only), and in memory otherwise.
+        self.pretrained = FeatureStore(self.runtime, "backbone/pooled")
 
     def begin_session(self, info: SessionInfo) -> None:
         super().begin_session(info)
         self.head.grow(info.total, init="zeros")
 
     def end_session(self, session: SessionData) -> None:
-        info = session.info
+        info, size = session.info, self.prototype_batch_size
         # eval_mode: PET dropout off (reference replace_fc: model.eval())
-        feats, labels = self.class_features(
-            session, self.branch_features, self.prototype_batch_size, "prototypes", eval_mode=self
-        )
+        if self.pretrained.on_disk:  # two passes: the pretrained one mostly reads the store
+            pre, labels = self.class_features(
+                session, self.pretrained_features, size, "prototypes", cache=self.pretrained
+            )
+            tuned, _ = self.class_features(session, self.tuned_features, size, "prototypes", eval_mode=self)
+            feats = torch.cat([pre, tuned], dim=1)
+        else:
+            feats, labels = self.class_features(session, self.branch_features, size, "prototypes", eval_mode=self)
         self.head.assign(info.new_classes, class_means(feats, labels, info.new_classes))
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.runtime.autocast():
-            feats = self.frozen_features(batch, self.branch_features)
+            pre = self.pretrained(batch, self.pretrained_features, self.runtime)
+            feats = torch.cat([pre, self.frozen_features(batch, self.tuned_features)], dim=1)
         return self.head(feats)
 
     def branch_features(self, images: torch.Tensor) -> torch.Tensor:
