@@ -35,4 +35,7 @@ timeout 60 python3 scripts/bench.py --methods simplecil --data synthetic --whole
 echo "=== jpeg $(el)" | tee -a $OUT/bench.log
 timeout 120 python3 scripts/bench.py --methods simplecil,l2p --data jpeg --no-whole-run --workers 14 --out $OUT/bench.csv 2>&1 \
   | grep -v -i warn | tail -6 | tee -a $OUT/bench.log
+echo "=== compiled steps (reduce-overhead) against the eager rows above $(el)" | tee -a $OUT/bench.log
+timeout ${COMPILE_TIMEOUT:-240} python3 scripts/bench.py --methods l2p,dualprompt,coda --data synthetic --no-whole-run \
+  --compile reduce-overhead --warmup-sessions 2 --out $OUT/bench.csv 2>&1 | grep -v -i warn | tail -6 | tee -a $OUT/bench.log
 echo "=== done $(el)" | tee -a $OUT/bench.log
