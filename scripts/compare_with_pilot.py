@@ -69,7 +69,6 @@ inside the ``pilot`` subcommand, ours inside ``make-inputs``/``ours``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -116,8 +115,10 @@ def forward_outputs(module: torch.nn.Module, store: list, fn: Callable[[Any], An
 
 @contextlib.contextmanager
 def spy(obj: Any, name: str, store: list, fn: Callable[[Any], Any] = detached) -> Iterator[None]:
-    """Replace the bound method ``obj.name`` by a wrapper that appends ``fn(result)`` to ``store``."""
+    """Replace ``obj.name`` (a bound method, or a module's function) by a wrapper that appends ``fn(result)`` to
+    ``store``; restored on exit."""
     original = getattr(obj, name)
+    own = name in vars(obj)  # a module's function (put back), not a method found on the class (removed)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
@@ -128,7 +129,10 @@ def spy(obj: Any, name: str, store: list, fn: Callable[[Any], Any] = detached) -
     try:
         yield
     finally:
-        delattr(obj, name)
+        if own:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
 
 
 @contextlib.contextmanager
@@ -1014,48 +1018,12 @@ def report(ours: Record, ref: Record) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs", help="seeded random ViT-B/16, images, labels, prompts (our venv)")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--batch", type=int, default=12)
-    pilot = sub.add_parser("pilot", help="run LAMDA-PILOT's learners (its venv)")
-    pilot.add_argument("--pilot-src", type=Path, required=True)
-    pilot.add_argument("--inputs", type=Path, required=True)
-    pilot.add_argument("--out", type=Path, required=True)
-    ours = sub.add_parser("ours", help="run our learners (our venv)")
-    ours.add_argument("--inputs", type=Path, required=True)
-    ours.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare", help="print the differences; --markdown writes the tables")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed, args.batch)
-    elif args.command in ("pilot", "ours"):
-        inputs = load_inputs(args.inputs)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        ref = torch.load(args.pilot_file, weights_only=False)
-        ours = torch.load(args.ours_file, weights_only=False)
-        text = report(ours, ref)
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
-            print(f"\nwrote {args.markdown}")
+    """The command line of ``scripts/fidelity/common.py`` (shared with the scripts there)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fidelity"))
+    import common
+
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, batch=12, argv=argv)
 
 
 if __name__ == "__main__":

@@ -38,37 +38,18 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import json
-import os
 import sys
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/: compare_with_pilot
-
-import torch  # noqa: E402
-from compare_with_pilot import (  # noqa: E402
-    captured_backward,
-    detached,
-    fmt,
-    forward_outputs,
-    git_commit,
-    one_batch,
-    our_backbone,
-    our_batch,
-    random_images,
-    same_count,
-    spy,
-    table,
-    tensor_diff,
-    versions,
-)
+import common
+import torch
+from common import Record, cwp
 
 VARIANTS = ("adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune")
 JSON = {
@@ -82,7 +63,6 @@ PER_SESSION, SESSIONS, IMAGES_PER_SESSION = 4, 2, 8
 DIM, DEPTH, RANK, TOKENS = 768, 12, 64, 5
 SSF_SITES = ("norm1", "qkv", "proj", "norm2", "fc1", "fc2")
 SSF_WIDTH = {"norm1": DIM, "qkv": 3 * DIM, "proj": DIM, "norm2": DIM, "fc1": 4 * DIM, "fc2": DIM}
-Record = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------- make-inputs
@@ -123,16 +103,14 @@ def make_inputs(out: Path, seed: int) -> None:
         },
     }
     inputs = {
-        "meta": {"seed": seed, "made_with": versions(), "our_commit": git_commit(Path(__file__).resolve().parent)},
+        "meta": common.input_meta(seed),
         "vit": {k: v.clone() for k, v in vit.state_dict().items()},
-        "images": [random_images(IMAGES_PER_SESSION, gen) for _ in range(SESSIONS)],
+        "images": [cwp.random_images(IMAGES_PER_SESSION, gen) for _ in range(SESSIONS)],
         "labels": labels,
         "pet": pet,
         "head": {"weight": uniform(DIM**-0.5, PER_SESSION, DIM), "sigma": torch.ones(1)},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 # ------------------------------------------------------------------------------- recording SGD.step
@@ -146,7 +124,7 @@ class StepRecorder:
     def step(self, optimizer: torch.optim.Optimizer, closure: Any = None) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.count = sum(p.numel() for p in params)
-        self.grads = {id(p): detached(p.grad) for p in params if p.grad is not None}
+        self.grads = {id(p): cwp.detached(p.grad) for p in params if p.grad is not None}
 
 
 @contextlib.contextmanager
@@ -161,6 +139,13 @@ def recorded_step(recorder: StepRecorder) -> Iterator[None]:
 
 def grads_by_name(tensors: dict[str, torch.Tensor], recorder: StepRecorder) -> dict[str, torch.Tensor]:
     return {name: recorder.grads[id(t)] for name, t in tensors.items()}
+
+
+def train_record(recorder: StepRecorder, feats: list, logits: list, losses: list, pet: dict, head: dict) -> Record:
+    """The session-0 step as both sides record it: trainable count, feature, logits, loss, PET and head grads."""
+    grads = {**grads_by_name(pet, recorder), **grads_by_name({f"head.{k}": v for k, v in head.items()}, recorder)}
+    step = {"tuned feature": feats[0], "logits": logits[0], "loss": losses[0], "grads": grads}
+    return {"trainable": recorder.count, "train s0": step}
 
 
 def load_values(tensors: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
@@ -228,31 +213,20 @@ def pilot_variant(pilot_src: Path, variant: str, inputs: dict[str, Any]) -> Reco
     learner._cur_task, learner._total_classes = 0, PER_SESSION
     learner.train_dataset = SimpleNamespace(labels=labels[0].numpy())
     recorder, feats, logits, losses = StepRecorder(), [], [], []
-    loader = one_batch(images[0], labels[0])
+    loader = cwp.one_batch(images[0], labels[0])
     with (
         recorded_step(recorder),
-        forward_outputs(first.backbone, feats, detached),
-        forward_outputs(first.fc, logits, lambda o: detached(o["logits"])),
-        captured_backward(losses),
+        cwp.forward_outputs(first.backbone, feats, cwp.detached),
+        cwp.forward_outputs(first.fc, logits, lambda o: cwp.detached(o["logits"])),
+        cwp.captured_backward(losses),
     ):
         learner._train(loader, loader, loader)  # optimizer, _init_train, dual branch, replace_fc
-    record: Record = {
-        "trainable": recorder.count,
-        "train s0": {
-            "tuned feature": feats[0],
-            "logits": logits[0],
-            "loss": losses[0],
-            "grads": {
-                **grads_by_name(pet, recorder),
-                **grads_by_name({f"head.{k}": v for k, v in head.items()}, recorder),
-            },
-        },
-    }
+    record = train_record(recorder, feats, logits, losses, pet, head)
     record["eval s0"] = pilot_eval(learner._network, images[0], PER_SESSION)
     learner._known_classes, learner._cur_task, learner._total_classes = PER_SESSION, 1, 2 * PER_SESSION
     learner._network.update_fc(2 * PER_SESSION)
     learner.train_dataset = SimpleNamespace(labels=labels[1].numpy())
-    learner._train(one_batch(images[1], labels[1]), None, one_batch(images[1], labels[1]))  # replace_fc only
+    learner._train(cwp.one_batch(images[1], labels[1]), None, cwp.one_batch(images[1], labels[1]))  # replace_fc only
     record["eval s1"] = pilot_eval(learner._network, torch.cat(images), 2 * PER_SESSION)
     return record
 
@@ -262,9 +236,9 @@ def pilot_eval(net: Any, images: torch.Tensor, total: int) -> Record:
     with torch.no_grad():
         out = net(images)
     return {
-        "branch feature": detached(out["features"]),
-        "prototypes": detached(net.fc.weight[:total]),
-        "logits": detached(out["logits"][:, :total]),
+        "branch feature": cwp.detached(out["features"]),
+        "prototypes": cwp.detached(net.fc.weight[:total]),
+        "logits": cwp.detached(out["logits"][:, :total]),
     }
 
 
@@ -272,7 +246,7 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any], variants: list[str]) -> R
     sys.path.insert(0, str(pilot_src.resolve()))
     shared_weights(inputs["vit"])
     return {
-        "meta": {**versions(), "side": "LAMDA-PILOT", "pilot_commit": git_commit(pilot_src)},
+        "meta": common.pilot_meta(pilot_src),
         "variants": {v: pilot_variant(pilot_src, v, inputs) for v in variants},
     }
 
@@ -304,10 +278,10 @@ class FakeSession:
         self.info, self.images, self.labels = info, images, labels
 
     def train_batches(self, batch_size: int, **_: Any) -> list[Any]:
-        return [our_batch(self.images, self.labels, "train")]
+        return [cwp.our_batch(self.images, self.labels, "train")]
 
     def prototype_batches(self, batch_size: int) -> list[Any]:
-        return [our_batch(self.images, self.labels, "train")]
+        return [cwp.our_batch(self.images, self.labels, "train")]
 
 
 def our_variant(variant: str, inputs: dict[str, Any], backbone_state: dict[str, torch.Tensor]) -> Record:
@@ -319,7 +293,7 @@ def our_variant(variant: str, inputs: dict[str, Any], backbone_state: dict[str, 
     from pilot.runtime import Runtime
 
     cls = {
-        "adapter": partial(aper.AperAdapter, adapter_dropout=0.0),
+        "adapter": aper.AperAdapter,
         "ssf": aper.AperSSF,
         "vpt_shallow": aper.AperVPTShallow,
         "vpt_deep": aper.AperVPTDeep,
@@ -329,13 +303,14 @@ def our_variant(variant: str, inputs: dict[str, Any], backbone_state: dict[str, 
     scenario = make_scenario(SESSIONS * PER_SESSION, PER_SESSION, PER_SESSION, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
     learner = cls.create(
-        our_backbone(backbone_state),
+        cwp.our_backbone(backbone_state),
         scenario,
         cpu,
         optimizer=partial(SGD, lr=0.01, momentum=0.9, weight_decay=weight_decay),
         scheduler=partial(CosineAnnealingLR, T_max=1, eta_min=0.0),
         epochs=1,
         batch_size=8,
+        **({"adapter_dropout": 0.0} if variant == "adapter" else {}),
     )
     images, labels = inputs["images"], inputs["labels"]
     info0 = scenario.sessions[0]
@@ -349,25 +324,14 @@ def our_variant(variant: str, inputs: dict[str, Any], backbone_state: dict[str, 
     learner.train()
     with (
         recorded_step(recorder),
-        spy(learner, "tuned_features", feats),
-        forward_outputs(learner.first_head, logits, detached),
-        captured_backward(losses),
+        cwp.spy(learner, "tuned_features", feats),
+        cwp.forward_outputs(learner.first_head, logits, cwp.detached),
+        cwp.captured_backward(losses),
     ):
         learner.train_session(session0)
     learner.end_session(session0)
-    record: Record = {
-        "trainable": recorder.count,
-        "train s0": {
-            "tuned feature": feats[0],
-            "logits": logits[0],
-            "loss": losses[0],
-            "grads": {
-                **grads_by_name(pet, recorder),
-                **grads_by_name({f"head.{k}": v for k, v in head.items()}, recorder),
-            },
-        },
-        "eval s0": our_eval(learner, images[0], labels[0]),
-    }
+    record = train_record(recorder, feats, logits, losses, pet, head)
+    record["eval s0"] = our_eval(learner, images[0], labels[0])
     learner.train()
     session1 = FakeSession(scenario.sessions[1], images[1], labels[1])
     learner.begin_session(session1.info)
@@ -382,15 +346,15 @@ def our_eval(learner: Any, images: torch.Tensor, labels: torch.Tensor) -> Record
     with torch.no_grad():
         feats = learner.branch_features(images)
     return {
-        "branch feature": detached(feats),
-        "prototypes": detached(learner.head.weight),
-        "logits": detached(learner.predict(our_batch(images, labels, "test"))),
+        "branch feature": cwp.detached(feats),
+        "prototypes": cwp.detached(learner.head.weight),
+        "logits": cwp.detached(learner.predict(cwp.our_batch(images, labels, "test"))),
     }
 
 
 def run_ours(inputs: dict[str, Any], variants: list[str]) -> Record:
     return {
-        "meta": {**versions(), "side": "ours", "our_commit": git_commit(Path(__file__).resolve().parent)},
+        "meta": common.our_meta(),
         "variants": {v: our_variant(v, inputs, inputs["vit"]) for v in variants},
     }
 
@@ -398,9 +362,9 @@ def run_ours(inputs: dict[str, Any], variants: list[str]) -> Record:
 # ------------------------------------------------------------------------------------------ compare
 def grad_cells(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[str]:
     """Worst relative L2 difference over the PET tensors, then head weight, then sigma."""
-    pet = [tensor_diff(g, ref[k])["rel"] for k, g in ours.items() if not k.startswith("head.")]
-    cells = [fmt(max(pet)) if pet else "-"]
-    return cells + [fmt(tensor_diff(ours[k], ref[k])["rel"]) for k in ("head.weight", "head.sigma")]
+    pet = [cwp.tensor_diff(g, ref[k])["rel"] for k, g in ours.items() if not k.startswith("head.")]
+    cells = [cwp.fmt(max(pet)) if pet else "-"]
+    return cells + [cwp.fmt(cwp.tensor_diff(ours[k], ref[k])["rel"]) for k in ("head.weight", "head.sigma")]
 
 
 def report(ours: Record, ref: Record) -> str:
@@ -411,29 +375,29 @@ def report(ours: Record, ref: Record) -> str:
         a, b = mine["train s0"], theirs["train s0"]
         train.append(
             [variant]
-            + [fmt(tensor_diff(a[k], b[k])["max_abs"]) for k in ("tuned feature", "logits", "loss")]
+            + [cwp.fmt(cwp.tensor_diff(a[k], b[k])["max_abs"]) for k in ("tuned feature", "logits", "loss")]
             + grad_cells(a["grads"], b["grads"])
             + [f"{len(a['grads']) - 2} + 2"]
         )
         for case in ("eval s0", "eval s1"):
             a, b = mine[case], theirs[case]
-            proto = tensor_diff(a["prototypes"], b["prototypes"])
+            proto = cwp.tensor_diff(a["prototypes"], b["prototypes"])
             evals.append(
                 [variant, case]
-                + [fmt(tensor_diff(a["branch feature"], b["branch feature"])["max_abs"])]
-                + [fmt(proto["max_abs"]), fmt(proto["rel"]), fmt(tensor_diff(a["logits"], b["logits"])["max_abs"])]
-                + [same_count(a["logits"].argmax(1), b["logits"].argmax(1))]
-                + [fmt(float((a["branch feature"][:, DIM:] - a["branch feature"][:, :DIM]).abs().max()))]
+                + [cwp.fmt(cwp.tensor_diff(a["branch feature"], b["branch feature"])["max_abs"])]
+                + [cwp.fmt(proto["max_abs"]), cwp.fmt(proto["rel"])]
+                + [cwp.fmt(cwp.tensor_diff(a["logits"], b["logits"])["max_abs"])]
+                + [cwp.same_count(a["logits"].argmax(1), b["logits"].argmax(1))]
+                + [cwp.fmt(float((a["branch feature"][:, DIM:] - a["branch feature"][:, :DIM]).abs().max()))]
             )
-    head = f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')} (timm {ref['meta']['timm']}) vs ours "
-    head += f"{ours['meta'].get('our_commit', '?')} (timm {ours['meta']['timm']}); CPU, float32."
+    head = f"{common.headline(ours, ref, 40)}; CPU, float32."
     return "\n".join(
         [
             head,
             "",
             "Session-0 training step: max abs differences; gradients: relative L2 ||ours - PILOT|| / ||PILOT||.",
             "",
-            table(
+            cwp.table(
                 [
                     "variant",
                     "tuned feature",
@@ -449,7 +413,7 @@ def report(ours: Record, ref: Record) -> str:
             "",
             "Two-branch network: [pretrained ; tuned] feature, prototypes (cosine classifier rows), eval logits.",
             "",
-            table(
+            cwp.table(
                 [
                     "variant",
                     "case",
@@ -465,51 +429,15 @@ def report(ours: Record, ref: Record) -> str:
             "",
             "Trainable parameters in session 0 (PET + head over 4 classes + sigma):",
             "",
-            table(["variant", "LAMDA-PILOT", "ours"], counts),
+            cwp.table(["variant", "LAMDA-PILOT", "ours"], counts),
         ]
     )
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    for name in ("pilot", "ours"):
-        p = sub.add_parser(name)
-        p.add_argument("--inputs", type=Path, required=True)
-        p.add_argument("--out", type=Path, required=True)
-        p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-        if name == "pilot":
-            p.add_argument("--pilot-src", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed)
-    elif args.command in ("pilot", "ours"):
-        inputs = torch.load(args.inputs / "inputs.pt", weights_only=False)
-        run = (
-            run_pilot(args.pilot_src, inputs, args.variants)
-            if args.command == "pilot"
-            else run_ours(inputs, args.variants)
-        )
-        run["meta"]["inputs"] = inputs["meta"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(run, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
+def variant_option(parser: Any, side: str) -> None:
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, add_side_arguments=variant_option)

@@ -33,7 +33,6 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -41,14 +40,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: compare_with_pilot
-
-import compare_with_pilot as cwp  # noqa: E402
-import torch  # noqa: E402
-
-NUM_CLASSES, INCREMENT, DIM = 100, 10, 768
-KNOWN, TOTAL = 10, 20  # session 1
-Record = dict[str, Any]
+import common
+import torch
+from common import DIM, INCREMENT, KNOWN, NUM_CLASSES, TOTAL, Record, cwp, diff_row, headline
 
 
 # --------------------------------------------------------------------------------------- shared
@@ -116,14 +110,7 @@ def split(images: torch.Tensor, labels: torch.Tensor, parts: int) -> list[tuple[
 
 # ---------------------------------------------------------------------------------- make-inputs
 def make_inputs(out: Path, seed: int, batch: int) -> None:
-    import timm
-
-    torch.manual_seed(seed)
-    vit = {
-        k: v.clone()
-        for k, v in timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).state_dict().items()
-    }
-    gen = torch.Generator().manual_seed(seed + 1)
+    vit, gen = common.seeded_vit(seed)
 
     def fisher_like(t: torch.Tensor) -> torch.Tensor:  # in [0, 1.2e-4], clipped at 1e-4, ~10% exact zeros
         f = (torch.rand(t.shape, generator=gen) * 1.2e-4).clamp_max(1e-4)
@@ -133,12 +120,7 @@ def make_inputs(out: Path, seed: int, batch: int) -> None:
     theta0 = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in vit.items()}
     aligned_w, aligned_b = head_w[:KNOWN] + 0.01 * torch.randn(KNOWN, DIM, generator=gen), head_b[:KNOWN] + 0.01
     inputs = {
-        "meta": {
-            "seed": seed,
-            "batch": batch,
-            "made_with": cwp.versions(),
-            "our_commit": cwp.git_commit(Path(__file__).parent),
-        },
+        "meta": common.input_meta(seed, batch=batch),
         "vit": vit,
         "images": cwp.random_images(batch, gen),
         "labels": torch.randint(KNOWN, TOTAL, (batch,), generator=gen),
@@ -156,9 +138,7 @@ def make_inputs(out: Path, seed: int, batch: int) -> None:
             "head_b": fisher_like(head_b),
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 # ---------------------------------------------------------------------------------- PILOT side
@@ -212,7 +192,7 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     merged = interpolate_weights(theta0, theta1, alpha=learner.wt_lambda, fisher=True, fisher_mat=[f0, f1])
     coma = interpolate_weights(theta0, theta1, alpha=learner.wt_lambda)
     return {
-        "meta": {**cwp.versions(), "side": "LAMDA-PILOT", "pilot_commit": cwp.git_commit(pilot_src)},
+        "meta": common.pilot_meta(pilot_src),
         "stage1": stage1,
         "fisher": fisher,
         "merge": neutral(merged),
@@ -307,7 +287,7 @@ def run_ours(inputs: Record) -> Record:
     sizes = [p.numel() for p in params]
     fisher = our_neutral(learner, [f.view(p.shape) for f, p in zip(f_backbone.split(sizes), params)], f_w, f_b)
     return {
-        "meta": {**cwp.versions(), "side": "ours", "our_commit": cwp.git_commit(Path(__file__).parent)},
+        "meta": common.our_meta(),
         "stage1": stage1,
         "fisher": fisher,
         "merge": our_merge(inputs, fisher_weighting=True),
@@ -316,16 +296,6 @@ def run_ours(inputs: Record) -> Record:
 
 
 # ------------------------------------------------------------------------------------- compare
-def diff_row(label: str, ours: torch.Tensor, ref: torch.Tensor) -> list[str]:
-    """Differences where the reference is finite; its NaNs (0/0 of the Fisher merge) are counted apart."""
-    finite = torch.isfinite(ref)
-    d = cwp.tensor_diff(ours[finite], ref[finite])
-    shape = "x".join(str(s) for s in ref.shape) or "scalar"
-    if not finite.all():
-        shape += f" ({int((~finite).sum())} NaN in PILOT)"
-    return [label, shape, cwp.fmt(d["max_abs"]), cwp.fmt(d["ref_max"]), cwp.fmt(d["rel"])]
-
-
 def at_nans(ours: Record, ref: Record) -> list[str]:
     """Ours where PILOT's Fisher merge is NaN (F_0 = F_1 = 0), against PILOT's plain interpolation there."""
     keys = sorted(ref["merge"]["vit"])
@@ -338,14 +308,7 @@ def at_nans(ours: Record, ref: Record) -> list[str]:
 
 def vit_rows(label: str, ours: dict, ref: dict) -> list[list[str]]:
     """All backbone tensors as one vector, and the worst single tensor (relative L2)."""
-    keys = sorted(ref)
-    whole = diff_row(
-        f"{label}: backbone ({len(keys)} tensors)",
-        torch.cat([ours[k].flatten() for k in keys]),
-        torch.cat([ref[k].flatten() for k in keys]),
-    )
-    worst = max(keys, key=lambda k: cwp.tensor_diff(ours[k][ref[k].isfinite()], ref[k][ref[k].isfinite()])["rel"])
-    return [whole, diff_row(f"{label}: worst tensor `{worst}`", ours[worst], ref[worst])]
+    return common.grouped_rows(label, "backbone", ours, ref)
 
 
 def report(ours: Record, ref: Record) -> str:
@@ -366,13 +329,10 @@ def report(ours: Record, ref: Record) -> str:
             rows.append(diff_row(f"{label}: new head {key}", ours[name][key][KNOWN:], ref[name][key][KNOWN:]))
         if name == "merge":
             rows.append(at_nans(ours, ref))
-    header = ["quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"]
     fisher_w = ours["fisher"]["head_w"][:KNOWN]
     clipped = torch.cat([v.flatten() for v in ref["fisher"]["vit"].values()]) == 1e-4
-    pilot = f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')[:7]}"
     notes = [
-        f"{pilot} (torch {ref['meta']['torch']}, timm {ref['meta']['timm']}) vs "
-        f"ours (torch {ours['meta']['torch']}, timm {ours['meta']['timm']}); CPU float32, random ViT-B/16.",
+        f"{headline(ours, ref)}; CPU float32, random ViT-B/16.",
         f"stage-1 lrs: PILOT {ref['stage1']['lrs']}, ours {ours['stage1']['lrs']}; trainable parameters: "
         f"PILOT {ref['stage1']['trainable']}, ours {ours['stage1']['trainable']}.",
         f"Old head Fisher (not compared): PILOT max {float(ref['fisher']['head_w'][:KNOWN].abs().max()):.1e} "
@@ -380,43 +340,8 @@ def report(ours: Record, ref: Record) -> str:
         f"(gradient of the Fisher loss).",
         f"Fisher values at the clip 1e-4: {float(clipped.float().mean()):.1%} of PILOT's backbone values.",
     ]
-    return "\n".join(notes) + "\n\n" + cwp.table(header, rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--batch", type=int, default=8)
-    for name in ("pilot", "ours"):
-        side = sub.add_parser(name)
-        if name == "pilot":
-            side.add_argument("--pilot-src", type=Path, required=True)
-        side.add_argument("--inputs", type=Path, required=True)
-        side.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed, args.batch)
-    elif args.command in ("pilot", "ours"):
-        inputs = cwp.load_inputs(args.inputs)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
+    return common.diff_report(notes, rows)
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, batch=8)

@@ -36,39 +36,26 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared 2-core machines)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: compare_with_pilot
+import common
+import torch
+import torch.nn.functional as F
+from cofima import pilot_args, shared_timm_weights, vit_rows
+from common import DIM, INCREMENT, KNOWN, NUM_CLASSES, TOTAL, Record, cwp, diff_row
 
-import compare_with_pilot as cwp  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from cofima import diff_row, pilot_args, shared_timm_weights, vit_rows  # noqa: E402
-
-NUM_CLASSES, INCREMENT, DIM = 100, 10, 768
-KNOWN, TOTAL, PER_CLASS = 10, 20, 2
+PER_CLASS = 2
 BATCH_IDS = [0, 3, 8, 15, 21, 26, 33, 38]  # the training batch: pool ids of old and new classes
-Record = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- make-inputs
 def make_inputs(out: Path, seed: int) -> None:
-    import timm
-
-    torch.manual_seed(seed)
-    vit = {
-        k: v.clone()
-        for k, v in timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).state_dict().items()
-    }
-    gen = torch.Generator().manual_seed(seed + 1)
+    vit, gen = common.seeded_vit(seed)
     inputs = {
-        "meta": {"seed": seed, "made_with": cwp.versions(), "our_commit": cwp.git_commit(Path(__file__).parent)},
+        "meta": common.input_meta(seed),
         "vit": vit,
         "vit_cur": {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in vit.items()},
         "pool": cwp.random_images(TOTAL * PER_CLASS, gen),
@@ -76,9 +63,7 @@ def make_inputs(out: Path, seed: int) -> None:
         "fc_weight": (torch.rand(KNOWN, DIM, generator=gen) * 2 - 1) / DIM**0.5,
         "fc_sigma": torch.tensor([1.3]),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 @contextlib.contextmanager
@@ -98,23 +83,6 @@ def all_steps(store: list, names: dict[int, str]) -> Iterator[None]:
         torch.optim.SGD.step = original  # type: ignore[method-assign]
 
 
-@contextlib.contextmanager
-def recorded_calls(module: Any, name: str, store: list) -> Iterator[None]:
-    """``module.name`` (a function) appends what it returns to ``store``."""
-    original = getattr(module, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        store.append(cwp.detached(torch.as_tensor(out)).double())
-        return out
-
-    setattr(module, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
 def step_record(loss: torch.Tensor, step: Record) -> Record:
     grads = step["grads"]
     return {
@@ -124,6 +92,10 @@ def step_record(loss: torch.Tensor, step: Record) -> Record:
         "fc_sigma": grads["fc.sigma"],
         "lrs": step["lrs"],
     }
+
+
+def as_double(out: Any) -> torch.Tensor:
+    return cwp.detached(torch.as_tensor(out)).double()
 
 
 # ---------------------------------------------------------------------------------- PILOT side
@@ -167,10 +139,10 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     memory = np.arange(KNOWN * PER_CLASS)
     learner._data_memory, learner._targets_memory = memory, pool_labels[memory].numpy()
     learner._cur_task, learner._total_classes = 0, KNOWN
-    out: Record = {"meta": {**cwp.versions(), "side": "LAMDA-PILOT", "pilot_commit": cwp.git_commit(pilot_src)}}
+    out: Record = {"meta": common.pilot_meta(pilot_src)}
 
     plans: list = []
-    with recorded_calls(ot, "sinkhorn", plans):
+    with cwp.spy(ot, "sinkhorn", plans, as_double):
         learner.after_task()  # solving_ot with theta_prev, then the frozen copy
     out["prospective"] = {
         "means": torch.as_tensor(learner._ot_prototype_means[:TOTAL]),
@@ -197,8 +169,8 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     learner.solving_ot_to_old = solving_ot_to_old
     soft: list = []
     log_soft: list = []
-    with cwp.captured_backward(losses), all_steps(steps, names), recorded_calls(ot, "sinkhorn", plans):
-        with recorded_calls(F, "softmax", soft), recorded_calls(F, "log_softmax", log_soft):
+    with cwp.captured_backward(losses), all_steps(steps, names), cwp.spy(ot, "sinkhorn", plans, as_double):
+        with cwp.spy(F, "softmax", soft, as_double), cwp.spy(F, "log_softmax", log_soft, as_double):
             learner._train(batch, batch)
     out["step 0"], out["step 1"] = step_record(losses[0], steps[0]), step_record(losses[1], steps[1])
 
@@ -261,7 +233,7 @@ def run_ours(inputs: Record) -> Record:
     learner.begin_session(scenario.sessions[1])
     learner.train()
     session = PoolSession(scenario.sessions[1], pool, pool_labels)
-    out: Record = {"meta": {**cwp.versions(), "side": "ours", "our_commit": cwp.git_commit(Path(__file__).parent)}}
+    out: Record = {"meta": common.our_meta()}
 
     means: list = []
     plans: list = []
@@ -301,7 +273,7 @@ def run_ours(inputs: Record) -> Record:
     steps: list = []
     terms: list = []
     runtime.on_epoch = lambda epoch, loss, lr: losses.append(torch.tensor(loss))
-    with all_steps(steps, names), recorded_calls(coil_module, "sinkhorn", plans):
+    with all_steps(steps, names), cwp.spy(coil_module, "sinkhorn", plans, as_double):
         with cwp.spy(learner, "loss_terms", terms, fn=lambda t: {k: cwp.detached(v).double() for k, v in t.items()}):
             learner.train_session(session)
     runtime.on_epoch = None
@@ -342,51 +314,14 @@ def report(ours: Record, ref: Record) -> str:
     rows.append(diff_row("logits after training", ours["logits"], ref["logits"]))
     plan = ref["prospective"]["plan"]
     notes = [
-        f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')[:7]} (torch {ref['meta']['torch']}, timm "
-        f"{ref['meta']['timm']}) vs ours (torch {ours['meta']['torch']}, timm {ours['meta']['timm']}); CPU float32, "
-        "random ViT-B/16.",
+        f"{common.headline(ours, ref)}; CPU float32, random ViT-B/16.",
         f"lrs: PILOT {ref['step 0']['lrs']} / {ref['step 1']['lrs']}, ours {ours['step 0']['lrs']} / "
         f"{ours['step 1']['lrs']}.",
         f"prospective plan: row sums {float(plan.sum(1).min()):.4f}-{float(plan.sum(1).max()):.4f}, column sums "
         f"{float(plan.sum(0).min()):.4f}-{float(plan.sum(0).max()):.4f}, largest entry {float(plan.max()):.4f}.",
     ]
-    header = ["quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"]
-    return "\n".join(notes) + "\n\n" + cwp.table(header, rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    for name in ("pilot", "ours"):
-        side = sub.add_parser(name)
-        if name == "pilot":
-            side.add_argument("--pilot-src", type=Path, required=True)
-        side.add_argument("--inputs", type=Path, required=True)
-        side.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed)
-    elif args.command in ("pilot", "ours"):
-        inputs = cwp.load_inputs(args.inputs)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
+    return common.diff_report(notes, rows)
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report)

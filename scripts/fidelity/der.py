@@ -30,23 +30,18 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: compare_with_pilot
-
-import compare_with_pilot as cwp  # noqa: E402
-import torch  # noqa: E402
-
-NUM_CLASSES, INCREMENT, DIM = 100, 10, 768
-KNOWN, TOTAL = 10, 20  # session 1
-Record = dict[str, Any]
+import common
+import torch
+from common import DIM, INCREMENT, KNOWN, NUM_CLASSES, TOTAL, Record, cwp, diff_row
 
 
 # --------------------------------------------------------------------------------------- shared
@@ -56,20 +51,10 @@ def uniform(gen: torch.Generator, bound: float, *shape: int) -> torch.Tensor:
 
 def base_inputs(seed: int, batch: int) -> Record:
     """The shared ViT, a "trained" copy of it, images, labels of sessions 0 and 1 (old and new classes)."""
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    vit = {k: v.clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed + 1)
+    vit, gen = common.seeded_vit(seed)
     old = batch // 2
     return {
-        "meta": {
-            "seed": seed,
-            "batch": batch,
-            "made_with": cwp.versions(),
-            "our_commit": cwp.git_commit(Path(__file__)),
-        },
+        "meta": common.input_meta(seed, batch=batch),
         "vit": vit,
         "vit_trained": {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in vit.items()},
         "images": cwp.random_images(batch, gen),
@@ -126,16 +111,19 @@ def timm_to_npz(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @contextlib.contextmanager
-def npz_downloads(path: Path) -> Iterator[None]:
-    """timm 0.6's custom (npz) pretrained loader reads ``path`` instead of downloading."""
+def npz_downloads(vit: dict[str, torch.Tensor]) -> Iterator[None]:
+    """timm 0.6's custom (npz) pretrained loader reads ``vit`` (an npz in a temporary folder), no download."""
     import timm.models.helpers as helpers
 
     original = helpers.download_cached_file
-    helpers.download_cached_file = lambda *args, **kwargs: str(path)
-    try:
-        yield
-    finally:
-        helpers.download_cached_file = original
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "vit.npz"
+        timm_to_npz(vit, path)
+        helpers.download_cached_file = lambda *args, **kwargs: str(path)
+        try:
+            yield
+        finally:
+            helpers.download_cached_file = original
 
 
 def pilot_args(pilot_src: Path, name: str) -> Record:
@@ -291,11 +279,6 @@ def pilot_step(learner: Any, net: torch.nn.Module, inputs: Record, labels: torch
     }
 
 
-def diff_row(label: str, ours: torch.Tensor, ref: torch.Tensor) -> list[str]:
-    d = cwp.tensor_diff(ours, ref)
-    return [label, d["shape"], cwp.fmt(d["max_abs"]), cwp.fmt(d.get("ref_max", math.inf)), cwp.fmt(d["rel"])]
-
-
 def step_rows(session: str, ours: Record, ref: Record, groups: list[str]) -> list[list[str]]:
     """Loss, CE terms, outputs and the gradients of every neutral group (all tensors as one vector + worst)."""
     rows = [diff_row(f"{session}: loss", ours["loss"].reshape(()), ref["loss"].reshape(()))]
@@ -309,20 +292,10 @@ def step_rows(session: str, ours: Record, ref: Record, groups: list[str]) -> lis
             [f"{session}: gradient names differ", str(sorted(set(ours["grads"]) ^ set(ref["grads"])))[:200], "", "", ""]
         )
     for group in groups:
-        keys = sorted(k for k in ref["grads"] if k.startswith(group + "."))
-        if not keys:
-            continue
-        ours_vec = torch.cat([ours["grads"][k].flatten() for k in keys])
-        rows.append(
-            diff_row(
-                f"{session}: gradient `{group}` ({len(keys)} tensors)",
-                ours_vec,
-                torch.cat([ref["grads"][k].flatten() for k in keys]),
-            )
-        )
-        if len(keys) > 2:
-            worst = max(keys, key=lambda k: cwp.tensor_diff(ours["grads"][k], ref["grads"][k])["rel"])
-            rows.append(diff_row(f"{session}: worst tensor `{worst}`", ours["grads"][worst], ref["grads"][worst]))
+        theirs = {k: v for k, v in ref["grads"].items() if k.startswith(group + ".")}
+        if theirs:
+            mine = {k: ours["grads"][k] for k in theirs}
+            rows += common.grouped_rows(session, f"gradient `{group}`", mine, theirs)[: 2 if len(theirs) > 2 else 1]
     return rows
 
 
@@ -345,21 +318,17 @@ GROUPS = ["f0", "f1", "fc", "aux"]
 def make_inputs(out: Path, seed: int, batch: int) -> None:
     inputs = base_inputs(seed, batch)
     inputs.update(head_inputs(inputs.pop("gen"), 2 * DIM))
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
-def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
+def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     sys.path.insert(0, str(pilot_src.resolve()))
     from models.der import Learner
 
-    npz = workdir / "vit.npz"
-    timm_to_npz(inputs["vit"], npz)
     learner = Learner(pilot_args(pilot_src, "der"))
     net = learner._network
     learner._cur_task, learner._total_classes = 0, KNOWN
-    with npz_downloads(npz):
+    with npz_downloads(inputs["vit"]):
         net.update_fc(KNOWN)
     loaded = max_diff(net.backbones[0].state_dict(), inputs["vit"])
     load_head(net.fc, inputs["fc0_w"], inputs["fc0_b"])
@@ -368,7 +337,7 @@ def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
     learner.after_task()
     net.backbones[0].load_state_dict(inputs["vit_trained"])
     learner._cur_task, learner._total_classes = 1, TOTAL
-    with npz_downloads(npz):
+    with npz_downloads(inputs["vit"]):
         net.update_fc(TOTAL)
     structure = {
         "f1 - trained f0": max_diff(net.backbones[1].state_dict(), inputs["vit_trained"]),
@@ -388,12 +357,7 @@ def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
             "logits": cwp.detached(net(inputs["images"])["logits"]),
             "features": cwp.detached(net.extract_vector(inputs["images"])),
         }
-    meta = {
-        **cwp.versions(),
-        "side": "LAMDA-PILOT",
-        "pilot_commit": cwp.git_commit(pilot_src),
-        "npz_load_max_diff": loaded,
-    }
+    meta = common.pilot_meta(pilot_src, npz_load_max_diff=loaded)
     return {"meta": meta, "s0": s0, "s1": s1, "structure": structure, "eval": evaluation}
 
 
@@ -425,7 +389,7 @@ def run_ours(inputs: Record) -> Record:
             "features": cwp.detached(learner.exemplar_features(batch.images)),
         }
     return {
-        "meta": {**cwp.versions(), "side": "ours", "our_commit": cwp.git_commit(Path(__file__))},
+        "meta": common.our_meta(),
         "s0": s0,
         "s1": s1,
         "structure": structure,
@@ -437,60 +401,15 @@ def report(ours: Record, ref: Record, groups: list[str] = GROUPS, title: str = "
     rows = step_rows("session 0", ours["s0"], ref["s0"], groups) + step_rows("session 1", ours["s1"], ref["s1"], groups)
     rows += [diff_row(f"eval after session 1: {k}", ours["eval"][k], ref["eval"][k]) for k in ref["eval"]]
     notes = [
-        f"{title}: LAMDA-PILOT {ref['meta']['pilot_commit'][:7]} (torch {ref['meta']['torch']}, "
-        f"timm {ref['meta']['timm']}) "
-        f"vs ours (torch {ours['meta']['torch']}, timm {ours['meta']['timm']}); CPU float32, random ViT-B/16, "
+        f"{title}: {common.headline(ours, ref)}; CPU float32, random ViT-B/16, "
         f"{ours['meta']['inputs']['batch']} images.",
         f"PILOT's npz load of the shared weights: max abs diff {ref['meta']['npz_load_max_diff']:.1e}.",
         step_notes("session 0", ours["s0"], ref["s0"]),
         step_notes("session 1", ours["s1"], ref["s1"]),
         f"Structure (as built, and grown at session 1): PILOT {ref['structure']}; ours {ours['structure']}.",
     ]
-    header = ["quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"]
-    return "\n\n".join(notes) + "\n\n" + cwp.table(header, rows)
-
-
-def main(
-    argv: list[str] | None = None,
-    make: Callable = make_inputs,
-    pilot: Callable = run_pilot,
-    ours: Callable = run_ours,
-    text: Callable = report,
-    doc: str | None = None,
-) -> None:
-    parser = argparse.ArgumentParser(description=((doc or __doc__) or "").split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make_p = sub.add_parser("make-inputs")
-    make_p.add_argument("--out", type=Path, required=True)
-    make_p.add_argument("--seed", type=int, default=0)
-    make_p.add_argument("--batch", type=int, default=6)
-    for name in ("pilot", "ours"):
-        side = sub.add_parser(name)
-        if name == "pilot":
-            side.add_argument("--pilot-src", type=Path, required=True)
-        side.add_argument("--inputs", type=Path, required=True)
-        side.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make(args.out, args.seed, args.batch)
-    elif args.command in ("pilot", "ours"):
-        inputs = cwp.load_inputs(args.inputs)
-        result = pilot(args.pilot_src, inputs, args.inputs) if args.command == "pilot" else ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        out = text(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(out)
-        if args.markdown:
-            args.markdown.write_text(out + "\n")
+    return common.diff_report(notes, rows, sep="\n\n")
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, batch=6)

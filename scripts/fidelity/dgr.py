@@ -41,38 +41,23 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import copy
 import json
-import os
 import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared 2-core machines)
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/: compare_with_pilot
-
-import torch  # noqa: E402
-from compare_with_pilot import (  # noqa: E402
-    captured_backward,
-    detached,
-    fmt,
-    git_commit,
-    one_batch,
-    random_images,
-    table,
-    tensor_diff,
-    versions,
-)
+import common
+import torch
+from common import Record, cwp
 
 PER_SESSION, SESSIONS, STEPS, BATCH, T = 4, 2, 3, 8, 2.0
 COUNTS = {0: [30, 24, 18, 12], 1: [3, 3, 3, 3, 30, 24, 18, 12]}  # training images per class, per session
 LOST = [27.0, 21.0, 15.0, 9.0]  # DAKD check: lost images per old class (unequal)
-Record = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------- make-inputs
@@ -95,14 +80,16 @@ def make_inputs(out: Path, seed: int, arch: str) -> None:
     dim = int(vit.num_features)
     gen = torch.Generator().manual_seed(seed + 1)
     bound = 3**0.5 / dim**0.5  # PILOT's SimpleLinear: kaiming_uniform_(nonlinearity="linear"), bias 0
-    batches = {s: [(random_images(BATCH, gen), session_labels(s, gen)) for _ in range(STEPS)] for s in range(SESSIONS)}
+    batches = {
+        s: [(cwp.random_images(BATCH, gen), session_labels(s, gen)) for _ in range(STEPS)] for s in range(SESSIONS)
+    }
     inputs = {
-        "meta": {"seed": seed, "arch": arch, "made_with": versions(), "our_commit": git_commit(Path(__file__).parent)},
+        "meta": common.input_meta(seed, arch=arch),
         "vit": {k: v.clone() for k, v in vit.state_dict().items()},
         "head_rows": {s: (torch.rand(PER_SESSION, dim, generator=gen) * 2 - 1) * bound for s in range(SESSIONS)},
         "batches": batches,
         "counts": COUNTS,
-        "test": (random_images(BATCH, gen), torch.arange(PER_SESSION * SESSIONS)),
+        "test": (cwp.random_images(BATCH, gen), torch.arange(PER_SESSION * SESSIONS)),
         "pieces": {
             "logits": 3 * torch.randn(6, 2 * PER_SESSION, generator=gen),
             "old_logits": 3 * torch.randn(6, PER_SESSION, generator=gen),
@@ -111,9 +98,7 @@ def make_inputs(out: Path, seed: int, arch: str) -> None:
             "lost": torch.tensor(LOST, dtype=torch.float64),
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'} ({arch}, feature dim {dim})")
+    common.save_inputs(inputs, out, f" ({arch}, feature dim {dim})")
 
 
 # ------------------------------------------------------------------------------------- shared helpers
@@ -138,7 +123,7 @@ class StepRecorder:
 
         torch.optim.SGD.step = step  # type: ignore[method-assign]
         try:
-            with captured_backward(self.losses):
+            with cwp.captured_backward(self.losses):
                 yield
         finally:
             torch.optim.SGD.step = original  # type: ignore[method-assign]
@@ -146,15 +131,15 @@ class StepRecorder:
     def record(self) -> None:
         assert self.head is not None and self.backbone is not None
         weight, bias = self.head()
-        entry: Record = {"head_w": detached(weight.grad), "head_b": detached(bias.grad)}
+        entry: Record = {"head_w": cwp.detached(weight.grad), "head_b": cwp.detached(bias.grad)}
         if not self.steps:
-            entry["backbone"] = {n: detached(p.grad) for n, p in self.backbone.named_parameters()}
+            entry["backbone"] = {n: cwp.detached(p.grad) for n, p in self.backbone.named_parameters()}
         self.steps.append(entry)
 
     def take(self) -> Record:
         steps, losses = self.steps, list(self.losses)
         self.steps = []
-        self.losses.clear()  # the list captured_backward appends to
+        self.losses.clear()  # the list cwp.captured_backward appends to
         return {
             "loss": torch.stack([loss.reshape(()) for loss in losses]),
             "head_w": torch.stack([s["head_w"] for s in steps]),
@@ -166,10 +151,10 @@ class StepRecorder:
 def session_record(steps: Record, backbone: torch.nn.Module, weight: Any, bias: Any, logits: Any) -> Record:
     return {
         **steps,
-        "backbone_after": {n: detached(p) for n, p in backbone.named_parameters()},
-        "head_w_after": detached(weight),
-        "head_b_after": detached(bias),
-        "test_logits": detached(logits),
+        "backbone_after": {n: cwp.detached(p) for n, p in backbone.named_parameters()},
+        "head_w_after": cwp.detached(weight),
+        "head_b_after": cwp.detached(bias),
+        "test_logits": cwp.detached(logits),
     }
 
 
@@ -223,17 +208,26 @@ def pilot_pieces(inputs: dict[str, Any], official_src: Path | None) -> Record:
     out: Record = {}
     z = p["logits"].clone().requires_grad_(True)
     loss = dgr._KD_loss(z[:, :known], p["old_logits"], T)
-    out["kd"] = (detached(loss), detached(torch.autograd.grad(loss, z)[0]))
+    out["kd"] = (cwp.detached(loss), cwp.detached(torch.autograd.grad(loss, z)[0]))
     z = p["logits"].clone().requires_grad_(True)
     loss = dgr.regularized_cn(z, p["labels"], p["counts"].numpy())
-    out["logit_adjusted_ce"] = (detached(loss), detached(torch.autograd.grad(loss, z)[0]))
+    out["logit_adjusted_ce"] = (cwp.detached(loss), cwp.detached(torch.autograd.grad(loss, z)[0]))
     if official_src is not None:
         official = official_functions(official_src)
         z = p["logits"].clone().requires_grad_(True)
         loss = official["_DAKD"](z[:, :known], p["old_logits"], p["lost"].numpy(), T)
-        out["dakd"] = (detached(loss), detached(torch.autograd.grad(loss, z)[0]))
+        out["dakd"] = (cwp.detached(loss), cwp.detached(torch.autograd.grad(loss, z)[0]))
         out["rho"] = float(official["measure_imbalance"](p["lost"].numpy()))
     return out
+
+
+def same_step(module: torch.nn.Module, step: Callable[[], None], recorder: Any) -> Record:
+    """The record of ``step`` (without the backbone gradient), then ``module`` back as it was before it."""
+    saved = copy.deepcopy(module.state_dict())
+    step()
+    record = {k: v for k, v in recorder.take().items() if k != "backbone_grad"}
+    module.load_state_dict(saved)
+    return record
 
 
 def run_pilot(pilot_src: Path, inputs: dict[str, Any], official_src: Path | None) -> Record:
@@ -256,7 +250,7 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any], official_src: Path | None
         if old is not None:
             learner._old_network = old
         loader = [(torch.arange(len(y)), x, y) for x, y in batches]
-        learner._train(loader, one_batch(x_test, y_test), inputs["counts"][s])
+        learner._train(loader, cwp.one_batch(x_test, y_test), inputs["counts"][s])
 
     with cuda_is_identity(), recorder.active():
         for s in range(SESSIONS):
@@ -268,10 +262,7 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any], official_src: Path | None
             if s == 0:
                 initial = net.copy().freeze()
             else:  # "same": one step with PILOT's own old network (a copy of the current one)
-                saved = copy.deepcopy(net.state_dict())
-                train(s, inputs["batches"][s][:1], None)
-                sessions["s1_same"] = {k: v for k, v in recorder.take().items() if k != "backbone_grad"}
-                net.load_state_dict(saved)
+                sessions["s1_same"] = same_step(net, lambda: train(s, inputs["batches"][s][:1], None), recorder)
             train(s, inputs["batches"][s], initial if s else None)  # "distinct": the old network differs
             net.eval()
             with torch.no_grad():
@@ -280,7 +271,7 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any], official_src: Path | None
             learner.after_task()
         pieces = pilot_pieces(inputs, official_src)
     return {
-        "meta": {**versions(), "side": "LAMDA-PILOT", "pilot_commit": git_commit(pilot_src)},
+        "meta": common.pilot_meta(pilot_src),
         "sessions": sessions,
         "pieces": pieces,
     }
@@ -307,7 +298,7 @@ def our_pieces(inputs: dict[str, Any]) -> Record:
     ):
         z = p["logits"].clone().requires_grad_(True)
         loss = fn(z)
-        out[name] = (detached(loss), detached(torch.autograd.grad(loss, z)[0]))
+        out[name] = (cwp.detached(loss), cwp.detached(torch.autograd.grad(loss, z)[0]))
     out["rho"] = normalized_entropy(p["lost"])
     return out
 
@@ -356,10 +347,7 @@ def run_ours(inputs: dict[str, Any]) -> Record:
             if s == 0:
                 initial = learner.previous_network()
             else:  # "same": one step with the learner's own previous network (a copy of the current one)
-                saved = copy.deepcopy(learner.state_dict())
-                train(s, inputs["batches"][s][:1], None)
-                sessions["s1_same"] = {k: v for k, v in recorder.take().items() if k != "backbone_grad"}
-                learner.load_state_dict(saved)
+                sessions["s1_same"] = same_step(learner, lambda: train(s, inputs["batches"][s][:1], None), recorder)
             train(s, inputs["batches"][s], initial if s else None)  # "distinct": the old network differs
             learner.eval()
             with torch.no_grad():
@@ -367,7 +355,7 @@ def run_ours(inputs: dict[str, Any]) -> Record:
             head = learner.head
             sessions[f"s{s}"] = session_record(recorder.take(), learner.backbone.model, head.weight, head.bias, logits)
     return {
-        "meta": {**versions(), "side": "ours", "our_commit": git_commit(Path(__file__).resolve().parent)},
+        "meta": common.our_meta(),
         "sessions": sessions,
         "pieces": our_pieces(inputs),
     }
@@ -375,8 +363,8 @@ def run_ours(inputs: dict[str, Any]) -> Record:
 
 # ------------------------------------------------------------------------------------------ compare
 def cells(a: torch.Tensor, b: torch.Tensor) -> list[str]:
-    d = tensor_diff(a, b)
-    return [d["shape"], fmt(d["max_abs"]), fmt(d["ref_max"]), fmt(d["rel"])]
+    d = cwp.tensor_diff(a, b)
+    return [d["shape"], cwp.fmt(d["max_abs"]), cwp.fmt(d["ref_max"]), cwp.fmt(d["rel"])]
 
 
 def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -429,19 +417,19 @@ def report(ours: Record, ref: Record) -> str:
             continue
         (la, ga), (lb, gb) = ours["pieces"][name], ref["pieces"][name]
         who = "authors' _DAKD" if name == "dakd" else "PILOT"
-        piece_rows.append([name, who, fmt(float((la - lb).abs())), f"{float(lb):.4f}"] + cells(ga, gb)[1:])
+        piece_rows.append([name, who, cwp.fmt(float((la - lb).abs())), f"{float(lb):.4f}"] + cells(ga, gb)[1:])
     if "rho" in ref["pieces"]:
         rho_a, rho_b = ours["pieces"]["rho"], ref["pieces"]["rho"]
-        piece_rows.append(["rho (normalised entropy)", "authors'", fmt(abs(rho_a - rho_b)), f"{rho_b:.6f}", "", "", ""])
+        piece_rows.append(
+            ["rho (normalised entropy)", "authors'", cwp.fmt(abs(rho_a - rho_b)), f"{rho_b:.6f}"] + [""] * 3
+        )
     nan_steps = {s: bool(torch.isnan(r["head_w"]).any()) for s, r in ref["sessions"].items()}
     parts = [
-        f"DGR fidelity ({ours['meta'].get('arch', '')}): ours {ours['meta']['our_commit'][:10]} "
-        f"(torch {ours['meta']['torch']}, timm {ours['meta']['timm']}) vs LAMDA-PILOT "
-        f"{ref['meta']['pilot_commit'][:10]} (torch {ref['meta']['torch']}, timm {ref['meta']['timm']})",
+        f"DGR fidelity ({ours['meta']['inputs'].get('arch', '')}): {common.headline(ours, ref, 10)}",
         "",
-        table(["session", "quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"], rows),
+        cwp.table(["session", "quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"], rows),
         "",
-        table(
+        cwp.table(
             ["loss piece", "against", "loss abs diff", "ref loss", "grad max abs diff", "grad ref max", "grad rel"],
             piece_rows,
         ),
@@ -452,45 +440,11 @@ def report(ours: Record, ref: Record) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--arch", default="vit_tiny_patch16_224")
-    for name in ("pilot", "ours"):
-        p = sub.add_parser(name)
-        p.add_argument("--inputs", type=Path, required=True)
-        p.add_argument("--out", type=Path, required=True)
-        if name == "pilot":
-            p.add_argument("--pilot-src", type=Path, required=True)
-            p.add_argument("--official-src", type=Path, help="git clone of JiangpengHe/imbalanced_cil (DAKD check)")
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed, args.arch)
-    elif args.command in ("pilot", "ours"):
-        inputs = torch.load(args.inputs / "inputs.pt", weights_only=False)
-        result = run_pilot(args.pilot_src, inputs, args.official_src) if args.command == "pilot" else run_ours(inputs)
-        result["meta"].update(inputs=inputs["meta"], arch=inputs["meta"]["arch"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        ref = torch.load(args.pilot_file, weights_only=False)
-        ours = torch.load(args.ours_file, weights_only=False)
-        text = report(ours, ref)
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
-            print(f"\nwrote {args.markdown}")
+def official_option(parser: Any, side: str) -> None:
+    if side == "pilot":
+        parser.add_argument("--official-src", type=Path, help="git clone of JiangpengHe/imbalanced_cil (DAKD check)")
 
 
 if __name__ == "__main__":
-    main()
+    arch = {"add_make_arguments": lambda parser: parser.add_argument("--arch", default="vit_tiny_patch16_224")}
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, add_side_arguments=official_option, **arch)

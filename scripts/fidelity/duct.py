@@ -35,35 +35,25 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: compare_with_pilot
+import common
+import torch
+from cofima import OneBatchSession, pilot_args, recorded_steps, shared_timm_weights, vit_rows
+from common import DIM, INCREMENT, KNOWN, NUM_CLASSES, TOTAL, Record, cwp, diff_row
 
-import compare_with_pilot as cwp  # noqa: E402
-import torch  # noqa: E402
-from cofima import OneBatchSession, diff_row, pilot_args, recorded_steps, shared_timm_weights, vit_rows  # noqa: E402
-
-NUM_CLASSES, INCREMENT, DIM = 100, 10, 768
-KNOWN, TOTAL = 10, 20
 SCALES = (0.003, 0.13, 0.8)  # class-mean spreads: pairwise distances ~0.1, ~5, ~30
-Record = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- make-inputs
 def make_inputs(out: Path, seed: int) -> None:
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    vit = {k: v.clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed + 1)
+    vit, gen = common.seeded_vit(seed)
     labels = KNOWN + torch.randperm(INCREMENT, generator=gen)
     inputs = {
-        "meta": {"seed": seed, "made_with": cwp.versions(), "our_commit": cwp.git_commit(Path(__file__).parent)},
+        "meta": common.input_meta(seed),
         "vit": vit,
         "images": cwp.random_images(INCREMENT, gen),
         "labels": labels,
@@ -74,9 +64,7 @@ def make_inputs(out: Path, seed: int) -> None:
         "ptm_means": torch.randn(TOTAL, DIM, generator=gen, dtype=torch.float64),
         "means": {s: s * torch.randn(TOTAL, DIM, generator=gen, dtype=torch.float64) for s in SCALES},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 def step_record(losses: list, steps: list) -> Record:
@@ -136,7 +124,7 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     images, labels = inputs["images"], inputs["labels"]
     batch = cwp.one_batch(images, labels)
     learner.test_loader = batch
-    out: Record = {"meta": {**cwp.versions(), "side": "LAMDA-PILOT", "pilot_commit": cwp.git_commit(pilot_src)}}
+    out: Record = {"meta": common.pilot_meta(pilot_src)}
 
     def step(mode: str) -> Record:
         losses: list = []
@@ -209,7 +197,7 @@ def run_ours(inputs: Record) -> Record:
     names[id(learner.head.weight)], names[id(learner.head.sigma)] = "fc.weight", "fc.sigma"
     images, labels = inputs["images"], inputs["labels"]
     session = OneBatchSession(info, [cwp.our_batch(images, labels, "train")])
-    out: Record = {"meta": {**cwp.versions(), "side": "ours", "our_commit": cwp.git_commit(Path(__file__).parent)}}
+    out: Record = {"meta": common.our_meta()}
 
     def step(run: Any) -> Record:
         losses: list = []
@@ -296,51 +284,15 @@ def report(ours: Record, ref: Record) -> str:
     same_lrs = {m: ours[f"lrs {m}"] == ref[f"lrs {m}"] for m in ("train", "retrain")}
     largest = ", ".join(f"{s}: {float(ref['transport ' + str(s)]['plan'].max()):.3g}" for s in SCALES)
     notes = [
-        f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')[:7]} (torch {ref['meta']['torch']}, timm "
-        f"{ref['meta']['timm']}) vs ours (torch {ours['meta']['torch']}, timm {ours['meta']['timm']}); CPU float32.",
+        f"{common.headline(ours, ref)}; CPU float32.",
         f"step lrs (backbone, classifier): PILOT {ref['step given']['lrs']}, ours {ours['step given']['lrs']}; "
         f"retraining: PILOT {ref['retrain step']['lrs']}, ours {ours['retrain step']['lrs']}.",
         f"lr per epoch equal: training {same_lrs['train']} (PILOT classifier {[g[1] for g in ref['lrs train']]}), "
         f"retraining {same_lrs['retrain']} (PILOT {[g[0] for g in ref['lrs retrain']]}).",
         f"largest plan entry per mean spread: {largest} (1/n = 0.1: a one-to-one matching).",
     ]
-    header = ["quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"]
-    return "\n".join(notes) + "\n\n" + cwp.table(header, rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    for name in ("pilot", "ours"):
-        side = sub.add_parser(name)
-        if name == "pilot":
-            side.add_argument("--pilot-src", type=Path, required=True)
-        side.add_argument("--inputs", type=Path, required=True)
-        side.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed)
-    elif args.command in ("pilot", "ours"):
-        inputs = cwp.load_inputs(args.inputs)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
+    return common.diff_report(notes, rows)
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report)

@@ -28,33 +28,15 @@ Commands::
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from ranpac import (  # noqa: E402
-    CASES,
-    FixedSession,
-    Record,
-    diff_cells,
-    main,
-    one_batch,
-    our_batch,
-    our_learner,
-    pilot_learner,
-    run_ours,
-    run_pilot,
-    same_count,
-    start_session,
-    table,
-)
+import common
+import torch
+import torch.nn.functional as F
+from common import Record, cwp
+from ranpac import CASES, diff_cells, main, our_learner, our_sessions, pilot_learner, run_ours, run_pilot
 
 
 def pilot_case(pilot_src: Path, inputs: dict[str, Any], case: str) -> Record:
@@ -70,7 +52,7 @@ def pilot_case(pilot_src: Path, inputs: dict[str, Any], case: str) -> Record:
         learner._cur_task, learner._known_classes, learner._total_classes = s, s * per, (s + 1) * per
         net.update_fc((s + 1) * per)
         learner.train_dataset = SimpleNamespace(labels=y.numpy())
-        learner.replace_fc(one_batch(x, y), net, None)
+        learner.replace_fc(cwp.one_batch(x, y), net, None)
         seen = (y_test < (s + 1) * per).numpy()
         dists = learner._maha_dist(test_vectors[seen], net.fc.weight.data, learner.cov_mats)  # [C, N]
         record[f"s{s}"] = {
@@ -88,17 +70,11 @@ def our_case(inputs: dict[str, Any], case: str) -> Record:
     data = inputs[case]
     learner = our_learner(FeCAM, inputs, per, sessions, case == "features", covariance="pilot")
     record = {}
-    for info in learner.scenario.sessions:
-        learner.train()
-        start_session(learner, info, inputs)
-        learner.end_session(FixedSession(info, *data["train"][info.index]))
-        learner.eval()
-        x, y = data["test"]
-        seen = y < info.total
+    for info, x, y, seen in our_sessions(learner, inputs, data):
         record[f"s{info.index}"] = {
             "centres": learner.classes.centres.detach().clone(),
             "precisions": learner.classes.precisions.detach().clone(),
-            "distances": -learner.predict(our_batch(x[seen], y[seen], "test")).detach(),
+            "distances": -learner.predict(cwp.our_batch(x[seen], y[seen], "test")).detach(),
         }
     return record
 
@@ -113,21 +89,16 @@ def report(ours: Record, ref: Record) -> str:
                 + diff_cells(a["centres"], b["centres"])
                 + diff_cells(a["precisions"], b["precisions"])
                 + diff_cells(a["distances"], b["distances"])
-                + [same_count(a["distances"].argmin(1), b["distances"].argmin(1))]
+                + [cwp.same_count(a["distances"].argmin(1), b["distances"].argmin(1))]
             )
-    head = f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')} (timm {ref['meta']['timm']}) vs ours "
-    head += f"{ours['meta'].get('our_commit', '?')} (timm {ours['meta']['timm']}); CPU, covariance=pilot "
+    head = f"{common.headline(ours, ref, 40)}; CPU, covariance=pilot "
     head += "(ours: statistics and pinv in float64, stored in float32; PILOT: float32)."
     header = ["case", "session", "centres max abs", "centres rel", "pinv(S) max abs", "pinv(S) rel"]
     header += ["distances max abs", "distances rel", "argmin"]
     return "\n".join(
-        [head, "", "Max abs and relative L2 differences ||ours - PILOT|| / ||PILOT||.", "", table(header, rows)]
+        [head, "", "Max abs and relative L2 differences ||ours - PILOT|| / ||PILOT||.", "", cwp.table(header, rows)]
     )
 
 
 if __name__ == "__main__":
-    main(
-        pilot_fn=lambda src, inputs: run_pilot(src, inputs, pilot_case),
-        ours_fn=lambda inputs: run_ours(inputs, our_case),
-        report_fn=report,
-    )
+    main(lambda src, inputs: run_pilot(src, inputs, pilot_case), lambda inputs: run_ours(inputs, our_case), report)

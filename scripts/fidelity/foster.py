@@ -34,22 +34,17 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared 2-core machines)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: compare_with_pilot
+import common
+import torch
+from cofima import pilot_args, shared_timm_weights, vit_rows
+from common import DIM, INCREMENT, KNOWN, NUM_CLASSES, TOTAL, Record, cwp, diff_row
 
-import compare_with_pilot as cwp  # noqa: E402
-import torch  # noqa: E402
-from cofima import diff_row, pilot_args, shared_timm_weights, vit_rows  # noqa: E402
-
-NUM_CLASSES, INCREMENT, DIM, BATCH = 100, 10, 768, 8
-KNOWN, TOTAL = 10, 20
+BATCH = 8
 VARIANTS = {  # PILOT's JSON keys -> ours
     "json": ({}, {}),
     "az+wa": (
@@ -57,19 +52,11 @@ VARIANTS = {  # PILOT's JSON keys -> ours
         {"oofc": "az", "teacher_weight_align": True, "student_weight_align": True, "wa_value": 0.95},
     ),
 }
-Record = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- make-inputs
 def make_inputs(out: Path, seed: int) -> None:
-    import timm
-
-    torch.manual_seed(seed)
-    vit = {
-        k: v.clone()
-        for k, v in timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).state_dict().items()
-    }
-    gen = torch.Generator().manual_seed(seed + 1)
+    vit, gen = common.seeded_vit(seed)
 
     def uniform(*shape: int) -> torch.Tensor:  # PILOT's SimpleLinear init, U(-sqrt(3/in), sqrt(3/in))
         return (torch.rand(*shape, generator=gen) * 2 - 1) * (3 / shape[1]) ** 0.5
@@ -79,7 +66,7 @@ def make_inputs(out: Path, seed: int) -> None:
     teacher_w[:KNOWN, :DIM] = fc_old
     teacher_b = torch.cat([b_old, 0.01 * torch.randn(INCREMENT, generator=gen)])
     inputs = {
-        "meta": {"seed": seed, "made_with": cwp.versions(), "our_commit": cwp.git_commit(Path(__file__).parent)},
+        "meta": common.input_meta(seed),
         "vit": vit,
         "vit_new": {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in vit.items()},
         "images": cwp.random_images(BATCH, gen),
@@ -94,9 +81,7 @@ def make_inputs(out: Path, seed: int) -> None:
         "student_new": uniform(INCREMENT, DIM),
         "counts": torch.randint(400, 600, (INCREMENT,), generator=gen),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 @contextlib.contextmanager
@@ -117,23 +102,6 @@ def all_steps(store: list, names: dict[int, str], with_backbone: bool) -> Iterat
         yield
     finally:
         torch.optim.SGD.step = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def recorded_calls(owner: Any, name: str, store: list, fn: Callable[[Any], Any] = cwp.detached) -> Iterator[None]:
-    """``owner.name`` (a function or method) appends ``fn`` of what it returns to ``store``."""
-    original = getattr(owner, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        store.append(fn(out))
-        return out
-
-    setattr(owner, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def named(prefix: str, module: torch.nn.Module, names: dict[int, str]) -> None:
@@ -157,7 +125,7 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     from torch.nn import functional as F
     from utils.inc_net import FOSTERNet
 
-    out: Record = {"meta": {**cwp.versions(), "side": "LAMDA-PILOT", "pilot_commit": cwp.git_commit(pilot_src)}}
+    out: Record = {"meta": common.pilot_meta(pilot_src)}
     images = inputs["images"]
     for variant, (pilot_keys, _) in VARIANTS.items():
         full = variant == "json"
@@ -221,7 +189,7 @@ def run_pilot(pilot_src: Path, inputs: Record) -> Record:
                 for stage in ("_feature_boosting", "_feature_compression"):
                     setattr(learner, stage, record_weights(learner, getattr(learner, stage), weights))
                 with cwp.captured_backward(losses), all_steps(steps, names, full), cwp.spy(learner, "BKD", bkds):
-                    with recorded_calls(F, "cross_entropy", ces), recorded_calls(foster_module, "_KD_loss", kds):
+                    with cwp.spy(F, "cross_entropy", ces), cwp.spy(foster_module, "_KD_loss", kds):
                         learner._train(batch, batch)
             finally:
                 FOSTERNet.copy_fc = copy_fc
@@ -288,7 +256,7 @@ def run_ours(inputs: Record) -> Record:
 
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-    out: Record = {"meta": {**cwp.versions(), "side": "ours", "our_commit": cwp.git_commit(Path(__file__).parent)}}
+    out: Record = {"meta": common.our_meta()}
     images = inputs["images"]
     for variant, (_, ours_keys) in VARIANTS.items():
         full = variant == "json"
@@ -349,7 +317,7 @@ def run_ours(inputs: Record) -> Record:
         learner.boost = given_teacher
         session = OneBatch(scenario.sessions[1], cwp.our_batch(images, inputs["labels"], "train"), inputs["counts"])
         runtime.on_epoch = lambda epoch, loss, lr: losses.append(torch.tensor(loss))
-        with all_steps(steps, names, full), recorded_calls(foster_module, "class_balanced_weights", weights):
+        with all_steps(steps, names, full), cwp.spy(foster_module, "class_balanced_weights", weights):
             with cwp.spy(learner, "boosting_losses", parts, fn=lambda d: {k: cwp.detached(v) for k, v in d.items()}):
                 with cwp.spy(learner, "compression_loss", bkds):
                     learner.train_session(session)
@@ -393,9 +361,7 @@ def report(ours: Record, ref: Record) -> str:
     rows = [diff_row("session 0: loss", scalar(ours["session 0"]["loss"]), scalar(ref["session 0"]["loss"]))]
     rows += step_rows("session 0", ours["session 0"]["grads"], ref["session 0"]["grads"], ("fc.weight", "fc.bias"))
     notes = [
-        f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')[:7]} (torch {ref['meta']['torch']}, timm "
-        f"{ref['meta']['timm']}) vs ours (torch {ours['meta']['torch']}, timm {ours['meta']['timm']}); CPU float32, "
-        "random ViT-B/16.",
+        f"{common.headline(ours, ref)}; CPU float32, random ViT-B/16.",
         f"session 0: lrs PILOT {ref['session 0']['lrs']}, ours {ours['session 0']['lrs']}; trainable PILOT "
         f"{ref['session 0']['count']}, ours {ours['session 0']['count']}.",
     ]
@@ -427,43 +393,8 @@ def report(ours: Record, ref: Record) -> str:
         rows += step_rows(f"{variant}: compression", o["compress"]["grads"], r["compress"]["grads"], heads)
         for key in ("teacher fc", "student fc", "teacher logits", "student logits", "teacher features"):
             rows.append(diff_row(f"{variant}: {key} after the session", o["after"][key], r["after"][key]))
-    header = ["quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"]
-    return "\n".join(notes) + "\n\n" + cwp.table(header, rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    for name in ("pilot", "ours"):
-        side = sub.add_parser(name)
-        if name == "pilot":
-            side.add_argument("--pilot-src", type=Path, required=True)
-        side.add_argument("--inputs", type=Path, required=True)
-        side.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed)
-    elif args.command in ("pilot", "ours"):
-        inputs = cwp.load_inputs(args.inputs)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
+    return common.diff_report(notes, rows)
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report)

@@ -38,48 +38,33 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
-import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: compare_with_pilot
+import common
+import numpy as np
+import torch
+from common import DIM, INCREMENT, KNOWN, NUM_CLASSES, TOTAL, Record, cwp, diff_row
+from der import OneBatchSession, load_head, names_of, recorded_cross_entropy, recorded_steps
 
-import compare_with_pilot as cwp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-NUM_CLASSES, INCREMENT, DIM = 100, 10, 768
-KNOWN, TOTAL = 10, 20  # session 1 of the iCaRL steps
 MEM_CLASSES, MEM_PER_CLASS, MEM_DIM, QUERIES = 4, 30, 32, 40
 MEMORY_SETTINGS = {"total": dict(memory_size=24, memory_per_class=0, fixed_memory=False),
                    "fixed": dict(memory_size=0, memory_per_class=5, fixed_memory=True)}  # fmt: skip
-Record = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------- inputs
 def make_inputs(out: Path, seed: int, batch: int) -> None:
-    import timm
-
-    torch.manual_seed(seed)
-    vit = {k: v.clone() for k, v in timm.create_model("vit_base_patch16_224", num_classes=0).state_dict().items()}
-    gen = torch.Generator().manual_seed(seed + 1)
+    vit, gen = common.seeded_vit(seed)
     bound = math.sqrt(3 / DIM)
     fc0 = (torch.rand(KNOWN, DIM, generator=gen) * 2 - 1) * bound
     labels = torch.arange(MEM_CLASSES).repeat_interleave(MEM_PER_CLASS)
     shuffle = torch.randperm(len(labels), generator=gen)  # classes interleaved in the sample ids
     centres = 2 * torch.randn(MEM_CLASSES, MEM_DIM, generator=gen)
     inputs = {
-        "meta": {
-            "seed": seed,
-            "batch": batch,
-            "made_with": cwp.versions(),
-            "our_commit": cwp.git_commit(Path(__file__)),
-        },
+        "meta": common.input_meta(seed, batch=batch),
         "vit": vit,
         "vit_trained": {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in vit.items()},
         "images": cwp.random_images(batch, gen),
@@ -105,67 +90,10 @@ def make_inputs(out: Path, seed: int, batch: int) -> None:
         "mem_maps": [torch.eye(MEM_DIM), torch.eye(MEM_DIM) + 0.3 * torch.randn(MEM_DIM, MEM_DIM, generator=gen)],
         "mem_queries": torch.randn(QUERIES, MEM_DIM, generator=gen) + centres[torch.arange(QUERIES) % MEM_CLASSES],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 # --------------------------------------------------------------------------------------- shared
-@contextlib.contextmanager
-def recorded_steps(store: list, names: dict[int, str]) -> Iterator[None]:
-    """``SGD.step`` records the named gradients and the groups' settings and leaves the parameters alone."""
-    original = torch.optim.SGD.step
-
-    def step(self: torch.optim.SGD, closure: Callable | None = None) -> None:
-        grads = {
-            names[id(p)]: cwp.detached(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None
-        }
-        settings = [{k: g[k] for k in ("lr", "momentum", "weight_decay")} for g in self.param_groups]
-        store.append({"grads": grads, "settings": settings})
-
-    torch.optim.SGD.step = step  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.optim.SGD.step = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def recorded_cross_entropy(store: list) -> Iterator[None]:
-    import torch.nn.functional as F
-
-    original = F.cross_entropy
-
-    def ce(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = original(*args, **kwargs)
-        store.append(cwp.detached(out))
-        return out
-
-    F.cross_entropy = ce  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        F.cross_entropy = original  # type: ignore[assignment]
-
-
-def names_of(module: torch.nn.Module, rules: list[tuple[str, str]]) -> dict[int, str]:
-    """Parameter ids -> neutral names (``vit.<timm name>``, ``fc.weight``, ``fc.bias``)."""
-
-    def rename(name: str) -> str:
-        for pattern, replacement in rules:
-            if re.match(pattern, name):
-                return re.sub(pattern, replacement, name)
-        return name
-
-    return {id(p): rename(n) for n, p in module.named_parameters()}
-
-
-def load_head(layer: Any, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
-
-
 def fresh_rows(weight: torch.Tensor, bias: torch.Tensor, fc0: torch.Tensor) -> Record:
     """The head after ``update_fc(20)``: old rows kept, fresh rows' range against sqrt(3/768), bias 0."""
     return {
@@ -262,7 +190,7 @@ def pilot_step(learner: Any, net: torch.nn.Module, inputs: Record, labels: torch
     return step_record(losses, ces, steps, sum(p.numel() for p in net.parameters() if p.requires_grad))
 
 
-def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
+def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     sys.path.insert(0, str(pilot_src.resolve()))
     import timm
 
@@ -305,7 +233,7 @@ def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
     fnet.backbone.load_state_dict(inputs["vit_trained"])
     load_head(fnet.fc, inputs["fc1_w"], inputs["fc1_b"])
     result["finetune"] = pilot_step(fine, fnet, inputs, new_class_labels(inputs))
-    result["meta"] = {**cwp.versions(), "side": "LAMDA-PILOT", "pilot_commit": cwp.git_commit(pilot_src)}
+    result["meta"] = common.pilot_meta(pilot_src)
     return result
 
 
@@ -336,19 +264,6 @@ class FeatureSession:
     def sample_batches(self, ids: np.ndarray, batch_size: int) -> list[FeatureBatch]:
         ids_t = torch.as_tensor(np.asarray(ids))
         return [FeatureBatch(self.data[part], self.labels[part]) for part in ids_t.split(batch_size)]
-
-
-class OneBatchSession:
-    """Our learners' view of a session whose training stream is the one given batch."""
-
-    def __init__(self, info: Any, batch: Any) -> None:
-        self.info, self.batch = info, batch
-
-    def replay_batches(self, batch_size: int, memory_ids: Any) -> list:
-        return [self.batch]
-
-    def train_batches(self, batch_size: int, *args: Any, **kwargs: Any) -> list:
-        return [self.batch]
 
 
 def our_memory(inputs: Record) -> Record:
@@ -430,16 +345,11 @@ def run_ours(inputs: Record) -> Record:
     fine.backbone.model.load_state_dict(inputs["vit_trained"])
     load_head(fine.head, inputs["fc1_w"], inputs["fc1_b"])
     result["finetune"] = our_step(fine, inputs, new_class_labels(inputs), 1)
-    result["meta"] = {**cwp.versions(), "side": "ours", "our_commit": cwp.git_commit(Path(__file__))}
+    result["meta"] = common.our_meta()
     return result
 
 
 # ------------------------------------------------------------------------------------- compare
-def diff_row(label: str, ours: torch.Tensor, ref: torch.Tensor) -> list[str]:
-    d = cwp.tensor_diff(ours, ref)
-    return [label, d["shape"], cwp.fmt(d["max_abs"]), cwp.fmt(d.get("ref_max", math.inf)), cwp.fmt(d["rel"])]
-
-
 def step_rows(label: str, ours: Record, ref: Record, kd: bool) -> list[list[str]]:
     rows = [diff_row(f"{label}: loss", ours["loss"].reshape(()), ref["loss"].reshape(()))]
     rows.append(diff_row(f"{label}: CE", ours["ce"].reshape(()), ref["ce"].reshape(())))
@@ -452,11 +362,8 @@ def step_rows(label: str, ours: Record, ref: Record, kd: bool) -> list[list[str]
         )
         return rows
     for group in ("vit", "fc"):
-        keys = sorted(k for k in ref["grads"] if k.startswith(group + "."))
-        vec = [torch.cat([side["grads"][k].flatten() for k in keys]) for side in (ours, ref)]
-        rows.append(diff_row(f"{label}: gradient `{group}` ({len(keys)} tensors)", *vec))
-        worst = max(keys, key=lambda k: cwp.tensor_diff(ours["grads"][k], ref["grads"][k])["rel"])
-        rows.append(diff_row(f"{label}: worst tensor `{worst}`", ours["grads"][worst], ref["grads"][worst]))
+        theirs = {k: v for k, v in ref["grads"].items() if k.startswith(group + ".")}
+        rows += common.grouped_rows(label, f"gradient `{group}`", {k: ours["grads"][k] for k in theirs}, theirs)
     return rows
 
 
@@ -484,9 +391,7 @@ def report(ours: Record, ref: Record) -> str:
     rows.append(diff_row("iCaRL logits after session 1", ours["logits1"], ref["logits1"]))
     rows += step_rows("Finetune session 1", ours["finetune"], ref["finetune"], kd=False)
     notes = [
-        f"LAMDA-PILOT {ref['meta']['pilot_commit'][:7]} (torch {ref['meta']['torch']}, timm {ref['meta']['timm']}) vs "
-        f"ours (torch {ours['meta']['torch']}, timm {ours['meta']['timm']}); CPU float32, random ViT-B/16, "
-        f"{ours['meta']['inputs']['batch']} images.",
+        f"{common.headline(ours, ref)}; CPU float32, random ViT-B/16, {ours['meta']['inputs']['batch']} images.",
         *(
             f"{k}: SGD PILOT {ref[k]['settings']}, ours {ours[k]['settings']}; "
             f"trainable PILOT {ref[k]['trainable']:,}, ours {ours[k]['trainable']:,}."
@@ -494,44 +399,8 @@ def report(ours: Record, ref: Record) -> str:
         ),  # fmt: skip
         f"Head growth at session 1: PILOT {ref['growth']}; ours {ours['growth']}.",
     ]
-    header = ["quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"]
-    return "\n\n".join(notes) + "\n\n" + cwp.table(header, rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make_p = sub.add_parser("make-inputs")
-    make_p.add_argument("--out", type=Path, required=True)
-    make_p.add_argument("--seed", type=int, default=0)
-    make_p.add_argument("--batch", type=int, default=6)
-    for name in ("pilot", "ours"):
-        side = sub.add_parser(name)
-        if name == "pilot":
-            side.add_argument("--pilot-src", type=Path, required=True)
-        side.add_argument("--inputs", type=Path, required=True)
-        side.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed, args.batch)
-    elif args.command in ("pilot", "ours"):
-        inputs = cwp.load_inputs(args.inputs)
-        result = run_pilot(args.pilot_src, inputs, args.inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        out = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(out)
-        if args.markdown:
-            args.markdown.write_text(out + "\n")
+    return common.diff_report(notes, rows, sep="\n\n")
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, batch=6)

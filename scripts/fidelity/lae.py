@@ -40,43 +40,20 @@ Commands
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared 2-core machines)
-
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compare_with_pilot import (  # noqa: E402
-    captured_backward,
-    detached,
-    fmt,
-    forward_outputs,
-    git_commit,
-    load_vit,
-    one_batch,
-    our_backbone,
-    our_batch,
-    pilot_args,
-    random_images,
-    spy,
-    table,
-    tensor_diff,
-    trainable_count,
-    versions,
-)
+import common
+import torch
+from common import Record, cwp, diff_row
 
 NUM_CLASSES, SESSIONS, INCREMENT, DIM = 100, 10, 10, 768
 SESSIONS_COMPARED = (0, 1)
 KINDS = {"prefix": "Prefix", "adapter": "Adapter", "lora": "LoRA"}
 BLOCKS, LENGTH, RANK, EMA_DECAY = 5, 10, 5, 0.9
-Record = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------- make-inputs
@@ -129,20 +106,13 @@ def make_inputs(out: Path, seed: int, batch: int) -> None:
                 "head_b": 0.01 * torch.randn(NUM_CLASSES, generator=gen),
             }
     inputs = {
-        "meta": {
-            "seed": seed,
-            "batch": batch,
-            "made_with": versions(),
-            "our_commit": git_commit(Path(__file__).resolve().parent),
-        },
+        "meta": common.input_meta(seed, batch=batch),
         "vit": {k: v.clone() for k, v in vit.state_dict().items()},
-        "images": random_images(batch, gen),
+        "images": cwp.random_images(batch, gen),
         "labels": labels,
         "values": values,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}: {batch} images, ViT-B/16 with {len(inputs['vit'])} tensors (seed {seed})")
+    common.save_inputs(inputs, out, f": {batch} images, ViT-B/16 with {len(inputs['vit'])} tensors (seed {seed})")
 
 
 # ----------------------------------------------------------------------------------- PET parameters
@@ -204,7 +174,9 @@ def pet_tensors(pets: Any, kind: str, side: str, grad: bool = False) -> dict[str
         return (p.grad if p.grad is not None else torch.zeros_like(p)) if grad else p
 
     blocks = pet_parameters(pets, kind, side)
-    return {name: detached(torch.stack([_neutral([get(p) for p in b[name]]) for b in blocks])) for name in blocks[0]}
+    return {
+        name: cwp.detached(torch.stack([_neutral([get(p) for p in b[name]]) for b in blocks])) for name in blocks[0]
+    }
 
 
 def ensemble(online: torch.Tensor, offline: torch.Tensor) -> torch.Tensor:
@@ -243,11 +215,11 @@ def pilot_learner(pilot_src: Path, inputs: dict[str, Any], kind: str) -> Any:
 
     def get_backbone(args: dict[str, Any], pretrained: bool = False) -> torch.nn.Module:
         model = timm.create_model(args["backbone_type"], pretrained=False)
-        load_vit(model, inputs["vit"], ())
+        cwp.load_vit(model, inputs["vit"], ())
         return model
 
     inc_net.get_backbone = get_backbone
-    args = pilot_args(pilot_src, "lae")
+    args = cwp.pilot_args(pilot_src, "lae")
     args.update(pet_cls=KINDS[kind], num_freeze_epochs=0, ema_decay=EMA_DECAY)
     return Learner(args)
 
@@ -264,22 +236,22 @@ def pilot_session(learner: Any, kind: str, values: Record, images: torch.Tensor,
     load_pets(net.pets_emas, kind, "pilot", values["offline"])
     outputs: list = []
     losses: list = []
-    with forward_outputs(net, outputs, lambda o: detached(o["logits"])), captured_backward(losses):
-        learner._train(one_batch(images, labels), None)
+    with cwp.forward_outputs(net, outputs, lambda o: cwp.detached(o["logits"])), cwp.captured_backward(losses):
+        learner._train(cwp.one_batch(images, labels), None)
     train = {
         "logits": outputs[0],
         "loss": losses[0],
         "grads": {
-            "head_w": detached(net.fc.weight.grad),
-            "head_b": detached(net.fc.bias.grad),
+            "head_w": cwp.detached(net.fc.weight.grad),
+            "head_b": cwp.detached(net.fc.bias.grad),
             **pet_tensors(net.pets, kind, "pilot", grad=True),
         },
-        "after_step": {"head_w": detached(net.fc.weight), **pet_tensors(net.pets, kind, "pilot")},
+        "after_step": {"head_w": cwp.detached(net.fc.weight), **pet_tensors(net.pets, kind, "pilot")},
         "offline_after_step": pet_tensors(net.pets_emas, kind, "pilot"),
     }
     outputs.clear()
-    with forward_outputs(net, outputs, lambda o: detached(o["logits"])):
-        accuracy = learner._compute_accuracy(net, one_batch(images, labels))
+    with cwp.forward_outputs(net, outputs, lambda o: cwp.detached(o["logits"])):
+        accuracy = learner._compute_accuracy(net, cwp.one_batch(images, labels))
     online, offline = outputs[0][:, :total], outputs[1][:, :total]
     evaluation = {"online": online, "offline": offline, "ensemble": ensemble(online, offline)}
     evaluation.update(predictions=evaluation["ensemble"].argmax(dim=1), accuracy=float(accuracy))
@@ -313,12 +285,12 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any]) -> Record:
             shipped[kind] = pilot_shipped(pilot_src, inputs, kind)
         with official_attach(LAE) if kind != "prefix" else contextlib.nullcontext():
             learner = pilot_learner(pilot_src, inputs, kind)
-            counts[kind] = trainable_count(learner._network.pets.parameters())
+            counts[kind] = cwp.trainable_count(learner._network.pets.parameters())
             results[kind] = {
                 t: pilot_session(learner, kind, inputs["values"][kind][t], inputs["images"], inputs["labels"][t])
                 for t in SESSIONS_COMPARED
             }
-    meta = {**versions(), "side": "LAMDA-PILOT", "pilot_commit": git_commit(pilot_src)}
+    meta = common.pilot_meta(pilot_src)
     return {"meta": meta, "results": results, "pet_params": counts, "shipped": shipped}
 
 
@@ -335,28 +307,31 @@ def our_session(learner: Any, kind: str, values: Record, images: torch.Tensor, l
         learner.head.bias.copy_(values["head_b"])
     load_pets(learner.online, kind, "ours", values["online"])
     load_pets(learner.offline, kind, "ours", values["offline"])
-    batch = our_batch(images, labels, "train")
+    batch = cwp.our_batch(images, labels, "train")
     logits: list = []
     losses: list = []
     learner.train()
-    with spy(learner, "logits", logits), spy(learner, "loss", losses):
+    with cwp.spy(learner, "logits", logits), cwp.spy(learner, "loss", losses):
         learner.train_session(SimpleNamespace(info=info, train_batches=lambda size: [batch]))
     train = {
         "logits": logits[0][:, :total],
         "loss": losses[0],
         "grads": {
-            "head_w": detached(learner.head.weight.grad[:total]),
-            "head_b": detached(learner.head.bias.grad[:total]),
+            "head_w": cwp.detached(learner.head.weight.grad[:total]),
+            "head_b": cwp.detached(learner.head.bias.grad[:total]),
             **pet_tensors(learner.online, kind, "ours", grad=True),
         },
-        "after_step": {"head_w": detached(learner.head.weight[:total]), **pet_tensors(learner.online, kind, "ours")},
+        "after_step": {
+            "head_w": cwp.detached(learner.head.weight[:total]),
+            **pet_tensors(learner.online, kind, "ours"),
+        },
         "offline_after_step": pet_tensors(learner.offline, kind, "ours"),
     }
     logits.clear()
     learner.eval()
-    with spy(learner, "logits", logits):
-        probs = learner.predict(our_batch(images, labels, "test"))
-    evaluation = {"online": logits[0][:, :total], "offline": logits[1][:, :total], "ensemble": detached(probs)}
+    with cwp.spy(learner, "logits", logits):
+        probs = learner.predict(cwp.our_batch(images, labels, "test"))
+    evaluation = {"online": logits[0][:, :total], "offline": logits[1][:, :total], "ensemble": cwp.detached(probs)}
     predictions = probs.argmax(dim=1)
     evaluation.update(predictions=predictions, accuracy=float((predictions == labels).float().mean() * 100))
     return {"train": train, "eval": evaluation}
@@ -368,7 +343,7 @@ def run_ours(inputs: dict[str, Any]) -> Record:
     from pilot.data.scenario import make_scenario
     from pilot.runtime import Runtime
 
-    backbone = our_backbone(inputs["vit"])
+    backbone = cwp.our_backbone(inputs["vit"])
     scenario = make_scenario(NUM_CLASSES, INCREMENT, INCREMENT, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
     adam = partial(torch.optim.Adam, lr=0.0028125, weight_decay=0.0)  # exps/lae.json
@@ -377,32 +352,31 @@ def run_ours(inputs: dict[str, Any]) -> Record:
         from pilot.api import make_learner
 
         learner = make_learner(
-        "lae",
-            backbone, scenario, cpu, optimizer=adam, epochs=1, num_freeze_epochs=0, pet=kind, ema_decay=EMA_DECAY,
-            offline_from_start=True, freeze_first_session=True,
-        )  # fmt: skip
-        counts[kind] = trainable_count(learner.online.parameters())
+            "lae",
+            backbone,
+            scenario,
+            cpu,
+            optimizer=adam,
+            epochs=1,
+            num_freeze_epochs=0,
+            pet=kind,
+            ema_decay=EMA_DECAY,
+            offline_from_start=True,
+            freeze_first_session=True,
+        )  # cwp.fmt: skip
+        counts[kind] = cwp.trainable_count(learner.online.parameters())
         results[kind] = {
             t: our_session(learner, kind, inputs["values"][kind][t], inputs["images"], inputs["labels"][t])
             for t in SESSIONS_COMPARED
         }
-    meta = {**versions(), "side": "ours", "our_commit": git_commit(Path(__file__).resolve().parent)}
+    meta = common.our_meta()
     return {"meta": meta, "results": results, "pet_params": counts}
 
 
 # ------------------------------------------------------------------------------------------ compare
-def diff_row(name: str, ours: torch.Tensor, ref: torch.Tensor) -> list[str]:
-    d = tensor_diff(ours, ref)
-    return [name, d["shape"], fmt(d["max_abs"]), fmt(d["ref_max"]), fmt(d["rel"])]
-
-
 def report(ours: Record, ref: Record) -> str:
     header = ["quantity", "shape", "max abs diff", "PILOT max abs", "rel. L2 diff"]
-    parts = [
-        f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')} (timm {ref['meta']['timm']}, torch {ref['meta']['torch']})"
-        f" vs ours {ours['meta'].get('our_commit', '?')} (timm {ours['meta']['timm']}, torch {ours['meta']['torch']});"
-        f" CPU, float32; ema_decay {EMA_DECAY}, num_freeze_epochs 0."
-    ]
+    parts = [f"{common.headline(ours, ref, 40)}; CPU, float32; ema_decay {EMA_DECAY}, num_freeze_epochs 0."]
     for kind in KINDS:
         rows, worst = [], 0.0
         for t in SESSIONS_COMPARED:
@@ -423,11 +397,15 @@ def report(ours: Record, ref: Record) -> str:
             items += [(f"eval {k}", o["eval"][k], r["eval"][k]) for k in ("online", "offline", "ensemble")]
             for name, a, b in items:
                 rows.append(diff_row(f"s{t} {name}", a, b))
-                worst = max(worst, tensor_diff(a, b)["rel"])
+                worst = max(worst, cwp.tensor_diff(a, b)["rel"])
             same = bool(torch.equal(o["eval"]["predictions"], r["eval"]["predictions"]))
             rows.append([f"s{t} eval predictions", "", "identical" if same else "DIFFER", "", ""])
         counts = f"PET parameters: ours {ours['pet_params'][kind]:,}, PILOT {ref['pet_params'][kind]:,}"
-        parts += [f"\n### {kind}\n", f"{counts}; largest relative difference {fmt(worst)}.\n", table(header, rows)]
+        parts += [
+            f"\n### {kind}\n",
+            f"{counts}; largest relative difference {cwp.fmt(worst)}.\n",
+            cwp.table(header, rows),
+        ]
     shipped = ref.get("shipped", {})
     if shipped:
         parts.append("\n### PILOT as shipped (its own attach_pets_vit)\n")
@@ -436,6 +414,14 @@ def report(ours: Record, ref: Record) -> str:
 
 
 # ------------------------------------------------------------------------------------ device check
+def device_options(parser: Any) -> None:
+    parser.add_argument("--batch", type=int, default=128)
+
+
+def device_command(args: Any) -> None:
+    device_check(args.batch)
+
+
 def device_check(batch: int) -> None:
     """On CUDA (a lent GPU): our LAE on a random ViT-B/16 under bf16 autocast vs fp32 (TF32 off) for each
     PET kind: the ensemble probabilities of one test batch, and the time and peak memory of a training
@@ -495,47 +481,6 @@ def device_check(batch: int) -> None:
         print(f"{kind}: bf16 vs fp32 ensemble probabilities max abs diff {diff:.2e}, top-1 agreement {agree:.3f}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs", help="seeded random ViT-B/16, images, labels, PET values (our venv)")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--batch", type=int, default=6)
-    pilot = sub.add_parser("pilot", help="run LAMDA-PILOT's LAE (its venv)")
-    pilot.add_argument("--pilot-src", type=Path, required=True)
-    pilot.add_argument("--inputs", type=Path, required=True)
-    pilot.add_argument("--out", type=Path, required=True)
-    ours = sub.add_parser("ours", help="run our LAE (our venv)")
-    ours.add_argument("--inputs", type=Path, required=True)
-    ours.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare", help="print the differences; --markdown writes the tables")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    device = sub.add_parser("device", help="bf16 vs fp32 and step time/memory on a GPU (our venv or the GPU's)")
-    device.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed, args.batch)
-    elif args.command == "device":
-        device_check(args.batch)
-    elif args.command in ("pilot", "ours"):
-        inputs = torch.load(args.inputs / "inputs.pt", weights_only=False)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
-            print(f"\nwrote {args.markdown}")
-
-
 if __name__ == "__main__":
-    main()
+    device = ("bf16 vs fp32 and step time/memory on a GPU (our venv or the GPU's)", device_options, device_command)
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, batch=6, commands={"device": device})

@@ -32,11 +32,10 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # der.py: the shared DER/MEMO helpers
-
-import der as fid  # noqa: E402
-import torch  # noqa: E402
-from der import DIM, KNOWN, TOTAL, Record, cwp  # noqa: E402
+import common
+import der as fid  # the shared DER/MEMO helpers
+import torch
+from common import DIM, KNOWN, TOTAL, Record, cwp
 
 PILOT_RULES = [
     (r"^TaskAgnosticExtractor\.", "g."),
@@ -77,22 +76,18 @@ def make_inputs(out: Path, seed: int, batch: int) -> None:
         s0_block_trained={k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in block.items()},
         s0_norm_trained={k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in norm.items()},
     )
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 def specialised_state(block: dict, norm: dict) -> dict[str, torch.Tensor]:
     return {**{f"0.{k}": v for k, v in block.items()}, **{f"1.{k}": v for k, v in norm.items()}}
 
 
-def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
+def run_pilot(pilot_src: Path, inputs: Record) -> Record:
     sys.path.insert(0, str(pilot_src.resolve()))
     from models.memo import Learner
 
-    npz = workdir / "vit.npz"
-    fid.timm_to_npz(inputs["vit"], npz)
-    with fid.npz_downloads(npz):
+    with fid.npz_downloads(inputs["vit"]):
         learner = Learner(fid.pilot_args(pilot_src, "memo"))
         net = learner._network
         learner._cur_task, learner._total_classes = 0, KNOWN
@@ -126,7 +121,7 @@ def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
     last.load_state_dict(inputs["s0_block_trained"])
     s0.norm.load_state_dict(inputs["s0_norm_trained"])
     learner._cur_task, learner._total_classes = 1, TOTAL
-    with fid.npz_downloads(npz):
+    with fid.npz_downloads(inputs["vit"]):
         net.update_fc(TOTAL)
     s1 = net.AdaptiveExtractors[1]
     structure["s1 - trained s0"] = max(
@@ -145,7 +140,7 @@ def run_pilot(pilot_src: Path, inputs: Record, workdir: Path) -> Record:
             "logits": cwp.detached(net(inputs["images"])["logits"]),
             "features": cwp.detached(net.extract_vector(inputs["images"])),
         }
-    meta = {**cwp.versions(), "side": "LAMDA-PILOT", "pilot_commit": cwp.git_commit(pilot_src)}
+    meta = common.pilot_meta(pilot_src)
     meta["npz_load_max_diff"] = structure["g - shared weights"]
     return {"meta": meta, "s0": step0, "s1": step1, "structure": structure, "eval": evaluation}
 
@@ -176,7 +171,7 @@ def run_ours(inputs: Record, specialized_init: str = "random") -> Record:
             "logits": cwp.detached(learner.predict(batch)),
             "features": cwp.detached(learner.exemplar_features(batch.images)),
         }
-    meta = {**cwp.versions(), "side": "ours", "our_commit": cwp.git_commit(Path(__file__))}
+    meta = common.our_meta()
     return {"meta": meta, "s0": step0, "s1": step1, "structure": structure, "eval": evaluation}
 
 
@@ -184,9 +179,5 @@ def report(ours: Record, ref: Record) -> str:
     return fid.report(ours, ref, GROUPS, "MEMO")
 
 
-def main(argv: list[str] | None = None) -> None:
-    fid.main(argv, make_inputs, run_pilot, run_ours, report, __doc__)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, batch=6)

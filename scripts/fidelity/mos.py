@@ -39,24 +39,17 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared 2-core machines)
-
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the shared fidelity helpers
-import compare_with_pilot as cwp  # noqa: E402
+import common
+import torch
+from common import Record, cwp
 
 NUM_CLASSES, INCREMENT, SESSIONS, DIM, DEPTH, RANK = 100, 5, 20, 768, 12, 16
 PER_CLASS = 2  # images per class in the batch
-Record = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------- make-inputs
@@ -100,7 +93,7 @@ def make_inputs(out: Path, seed: int) -> None:
     labels = {t: torch.arange(t * INCREMENT, (t + 1) * INCREMENT).repeat_interleave(PER_CLASS) for t in (0, 2)}
     images = cwp.random_images(PER_CLASS * INCREMENT, gen)
     inputs = {
-        "meta": {"seed": seed, "made_with": cwp.versions(), "our_commit": cwp.git_commit(Path(__file__).parent)},
+        "meta": common.input_meta(seed),
         "vit": {k: v.clone() for k, v in vit.state_dict().items()},
         "images": images,
         "labels": labels,
@@ -113,9 +106,7 @@ def make_inputs(out: Path, seed: int) -> None:
         },
         "eval s2": {"snapshots": [adapter_values(gen) for _ in range(3)], **eval_rows(vit, images, gen)},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}")
+    common.save_inputs(inputs, out)
 
 
 # ----------------------------------------------------------------------------------------- shared
@@ -135,23 +126,6 @@ def load_flat(params: list[torch.nn.Parameter], values: torch.Tensor, swap: bool
             with torch.no_grad():
                 p.copy_(chunk)
         offset += p.numel()
-
-
-@contextlib.contextmanager
-def spy_function(module: Any, name: str, store: list) -> Iterator[None]:
-    """Record the results of the module-level function ``module.name`` (restored on exit)."""
-    original = getattr(module, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        store.append(cwp.detached(out))
-        return out
-
-    setattr(module, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 class StepRecorder:
@@ -308,7 +282,7 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any]) -> Record:
         "predictions": torch.as_tensor(predicted[:, 0]),
         **{f"S_{t} after eval": flat(net.backbone.adapter_list[t].parameters()) for t in range(3)},
     }
-    meta = {"pilot_commit": cwp.git_commit(pilot_src), **cwp.versions()}
+    meta = common.pilot_meta(pilot_src)
     return {"meta": meta, "cases": records, "trainable_params": count}
 
 
@@ -361,7 +335,7 @@ def our_train(learner: Any, scenario: Any, t: int, images: torch.Tensor, labels:
 
     losses, orth = [], []
     learner.train()
-    with cwp.captured_backward(losses), spy_function(mos_module, "orthogonality_loss", orth), StepRecorder() as steps:
+    with cwp.captured_backward(losses), cwp.spy(mos_module, "orthogonality_loss", orth), StepRecorder() as steps:
         learner.train_session(FakeSession(scenario.sessions[t], images, labels))
     grads = steps.grads[0]
     return {
@@ -433,7 +407,7 @@ def run_ours(inputs: dict[str, Any]) -> Record:
     # the paper's merging (adapter_drift=false) against the same PILOT records: how far the drift moves things
     records["train s2 [drift=false]"], records["stats s2 [drift=false]"] = our_train_s2(inputs, drift=False)
     records["eval s2 [drift=false]"], _ = our_eval(inputs, drift=False)
-    meta = {"our_commit": cwp.git_commit(Path(__file__).parent), **cwp.versions()}
+    meta = common.our_meta()
     return {"meta": meta, "cases": records, "trainable_params": count, "scored_per_round": scored}
 
 
@@ -451,9 +425,7 @@ def report(ours: Record, ref: Record) -> str:
             rows.append([case, key, d["shape"], cwp.fmt(d["max_abs"]), cwp.fmt(d["ref_max"]), cwp.fmt(d["rel"])])
     return "\n".join(
         [
-            f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')} (timm {ref['meta']['timm']}, torch "
-            f"{ref['meta']['torch']}) vs ours {ours['meta'].get('our_commit', '?')} (timm {ours['meta']['timm']}); "
-            "CPU, float32; adapter_drift=true.",
+            f"{common.headline(ours, ref, 40)}; CPU, float32; adapter_drift=true.",
             "",
             cwp.table(["case", "quantity", "shape", "max abs diff", "max abs (PILOT)", "rel L2"], rows),
             "",
@@ -464,38 +436,5 @@ def report(ours: Record, ref: Record) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    pilot = sub.add_parser("pilot")
-    pilot.add_argument("--pilot-src", type=Path, required=True)
-    for p in (pilot, sub.add_parser("ours")):
-        p.add_argument("--inputs", type=Path, required=True)
-        p.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed)
-    elif args.command in ("pilot", "ours"):
-        inputs = torch.load(args.inputs / "inputs.pt", weights_only=False)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report)

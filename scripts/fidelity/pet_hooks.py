@@ -40,27 +40,22 @@ Commands
     .venv/bin/python scripts/fidelity/pet_hooks.py compare /tmp/pet_fid/pilot.pt /tmp/pet_fid/ours.pt \\
         --markdown /tmp/pet_fid/table.md
 
-Module level imports only the standard library, torch and scripts/compare_with_pilot.py (which does
-the same); PILOT's modules are imported in ``pilot``, ours in ``make-inputs``/``ours``.
+Module level imports only the standard library, torch and scripts/fidelity/common.py (which does the
+same, with scripts/compare_with_pilot.py); PILOT's modules are imported in ``pilot``, ours in
+``make-inputs``/``ours``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared 2-core machines)
+import common
+import torch
+from common import Record, cwp
 
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compare_with_pilot import fmt, git_commit, random_images, table, tensor_diff, versions  # noqa: E402
-
-Record = dict[str, Any]
 DIM, DEPTH = 768, 12
 VPT_CASES = {"deep random": (True, "random"), "shallow random": (False, "random")}
 VPT_CASES |= {"deep zeros": (True, "zeros"), "shallow zeros": (False, "zeros")}
@@ -118,17 +113,14 @@ def make_inputs(out: Path, seed: int, batch: int, tokens: int) -> None:
         shape = (DEPTH if deep else 1, tokens, DIM)
         vpt[case] = 0.5 * torch.randn(shape, generator=gen) if init == "random" else torch.zeros(shape)
     inputs = {
-        "meta": {"seed": seed, "batch": batch, "tokens": tokens, "made_with": versions()},
+        "meta": common.input_meta(seed, batch=batch, tokens=tokens),
         "vit": {k: v.clone() for k, v in vit.state_dict().items()},
-        "images": random_images(batch, gen),
+        "images": cwp.random_images(batch, gen),
         "probe": torch.randn(batch, DIM, generator=gen),
         "ssf": ssf,
         "vpt": vpt,
     }
-    inputs["meta"]["our_commit"] = git_commit(Path(__file__).resolve().parent)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, out / "inputs.pt")
-    print(f"wrote {out / 'inputs.pt'}: {batch} images, {len(ssf)} SSF tensors, P = {tokens}")
+    common.save_inputs(inputs, out, f": {batch} images, {len(ssf)} SSF tensors, P = {tokens}")
 
 
 def record(features: torch.Tensor, probe: torch.Tensor, params: dict[str, torch.Tensor], count: int) -> Record:
@@ -201,7 +193,7 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any]) -> Record:
     out: Record = {"plain": pilot_plain(inputs), "ssf": pilot_ssf(inputs)}
     for case, (deep, _init) in VPT_CASES.items():
         out[f"vpt {case}"] = pilot_vpt(inputs, inputs["vpt"][case], deep)
-    out["meta"] = {**versions(), "pilot_commit": git_commit(pilot_src)}
+    out["meta"] = common.pilot_meta(pilot_src)
     return out
 
 
@@ -229,7 +221,7 @@ def run_ours(inputs: dict[str, Any]) -> Record:
         with visual_prompts_active(vit, prompts):
             features = backbone(images)
         out[f"vpt {case}"] = record(features, probe, {"prompts": prompts.prompts}, prompts.prompts.numel())
-    out["meta"] = {**versions(), "our_commit": git_commit(Path(__file__).resolve().parent)}
+    out["meta"] = common.our_meta()
     return out
 
 
@@ -238,15 +230,15 @@ def rows(ours: Record, ref: Record) -> tuple[list[list[str]], list[list[str]]]:
     summary, grads = [], []
     for case in [k for k in ref if k != "meta"]:
         a, b = ours[case], ref[case]
-        d = tensor_diff(a["features"], b["features"])
-        moved = tensor_diff(b["features"], ref["plain"]["features"]) if case != "plain" else None
-        row = [case, d["shape"], fmt(d["max_abs"]), fmt(d["ref_max"]), fmt(d["rel"])]
-        row.append(fmt(moved["max_abs"]) if moved else "–")
+        d = cwp.tensor_diff(a["features"], b["features"])
+        moved = cwp.tensor_diff(b["features"], ref["plain"]["features"]) if case != "plain" else None
+        row = [case, d["shape"], cwp.fmt(d["max_abs"]), cwp.fmt(d["ref_max"]), cwp.fmt(d["rel"])]
+        row.append(cwp.fmt(moved["max_abs"]) if moved else "–")
         if "loss" in b:
-            loss = tensor_diff(a["loss"], b["loss"])
-            diffs = [tensor_diff(a["grads"][k], b["grads"][k]) for k in b["grads"]]
+            loss = cwp.tensor_diff(a["loss"], b["loss"])
+            diffs = [cwp.tensor_diff(a["grads"][k], b["grads"][k]) for k in b["grads"]]
             worst_abs, worst_rel = max(x["max_abs"] for x in diffs), max(x["rel"] for x in diffs)
-            row += [fmt(loss["max_abs"]), fmt(float(b["loss"])), fmt(worst_abs), fmt(worst_rel)]
+            row += [cwp.fmt(loss["max_abs"]), cwp.fmt(float(b["loss"])), cwp.fmt(worst_abs), cwp.fmt(worst_rel)]
             row.append(f"{a['trainable']:,} / {b['trainable']:,}")
         else:
             row += ["–"] * 5
@@ -254,15 +246,15 @@ def rows(ours: Record, ref: Record) -> tuple[list[list[str]], list[list[str]]]:
         if case == "ssf":  # per kind of site: the worst of the 12 blocks
             groups: dict[str, list[dict[str, Any]]] = {}
             for key in b["grads"]:
-                groups.setdefault(site_group(key), []).append(tensor_diff(a["grads"][key], b["grads"][key]))
+                groups.setdefault(site_group(key), []).append(cwp.tensor_diff(a["grads"][key], b["grads"][key]))
             for group, diffs in groups.items():
                 grads.append(
                     [
                         group,
                         pilot_ssf_key(group.replace("*", "0")).replace(".0.", ".*."),
-                        fmt(max(x["max_abs"] for x in diffs)),
-                        fmt(max(x["ref_max"] for x in diffs)),
-                        fmt(max(x["rel"] for x in diffs)),
+                        cwp.fmt(max(x["max_abs"] for x in diffs)),
+                        cwp.fmt(max(x["ref_max"] for x in diffs)),
+                        cwp.fmt(max(x["rel"] for x in diffs)),
                     ]
                 )
     return summary, grads
@@ -270,11 +262,7 @@ def rows(ours: Record, ref: Record) -> tuple[list[list[str]], list[list[str]]]:
 
 def report(ours: Record, ref: Record) -> str:
     summary, grads = rows(ours, ref)
-    head = (
-        f"LAMDA-PILOT {ref['meta']['pilot_commit'][:12]} (timm {ref['meta']['timm']}, torch {ref['meta']['torch']})"
-        f" vs ours {ours['meta']['our_commit'][:12]} (timm {ours['meta']['timm']}, torch {ours['meta']['torch']});"
-        " CPU, float32, random ViT-B/16 weights."
-    )
+    head = f"{common.headline(ours, ref, 12)}; CPU, float32, random ViT-B/16 weights."
     header = [
         "case",
         "feature",
@@ -288,51 +276,14 @@ def report(ours: Record, ref: Record) -> str:
         "grad rel L2 (worst tensor)",
         "trainable (ours / PILOT)",
     ]
-    parts = [head, "", table(header, summary), "", "SSF gradients per site (worst block):", ""]
-    parts.append(table(["our site", "PILOT name", "max abs diff", "max abs", "rel L2"], grads))
+    parts = [head, "", cwp.table(header, summary), "", "SSF gradients per site (worst block):", ""]
+    parts.append(cwp.table(["our site", "PILOT name", "max abs diff", "max abs", "rel L2"], grads))
     return "\n".join(parts)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--batch", type=int, default=4)
-    make.add_argument("--tokens", type=int, default=5, help="prompt tokens (exps/aper_vpt*.json: 5)")
-    pilot = sub.add_parser("pilot")
-    pilot.add_argument("--pilot-src", type=Path, required=True)
-    for p in (pilot, sub.add_parser("ours")):
-        p.add_argument("--inputs", type=Path, required=True)
-        p.add_argument("--out", type=Path, required=True)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed, args.batch, args.tokens)
-    elif args.command in ("pilot", "ours"):
-        inputs = torch.load(args.inputs / "inputs.pt", weights_only=False)
-        result = run_pilot(args.pilot_src, inputs) if args.command == "pilot" else run_ours(inputs)
-        result["meta"]["inputs"] = inputs["meta"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, args.out)
-        print(f"wrote {args.out}")
-    else:
-        text = report(torch.load(args.ours_file, weights_only=False), torch.load(args.pilot_file, weights_only=False))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
-            print(f"\nwrote {args.markdown}")
+def make_options(parser: Any) -> None:
+    parser.add_argument("--tokens", type=int, default=5, help="prompt tokens (exps/aper_vpt*.json: 5)")
 
 
 if __name__ == "__main__":
-    main()
+    common.main(__doc__, make_inputs, run_pilot, run_ours, report, batch=4, add_make_arguments=make_options)

@@ -38,38 +38,21 @@ scripts/fidelity/fecam.py uses the same inputs (``make-inputs`` here writes them
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import os
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/: compare_with_pilot
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/fidelity/: aper
-
-import torch  # noqa: E402
-from aper import load_values, our_pet, pilot_pet, shared_weights  # noqa: E402
-from compare_with_pilot import (  # noqa: E402
-    detached,
-    fmt,
-    git_commit,
-    one_batch,
-    our_backbone,
-    our_batch,
-    random_images,
-    same_count,
-    table,
-    tensor_diff,
-    versions,
-)
+import common
+import torch
+from aper import FakeSession, load_values, our_pet, pilot_pet, shared_weights
+from common import Record, cwp
 
 DIM, DEPTH, RANK = 768, 12, 64
 CASES = {"images": (4, 2), "features": (10, 2)}  # classes per session, sessions
 SIGMA = 1.7  # the session-0 head's "trained" scale, carried over by both sides
-Record = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------- make-inputs
@@ -104,7 +87,7 @@ def make_inputs(out: Path, seed: int, projection_dim: int, per_class: int) -> No
         )
     }
     per, sessions = CASES["images"]
-    images = [random_images(2 * per, gen) for _ in range(sessions)]
+    images = [cwp.random_images(2 * per, gen) for _ in range(sessions)]
     labels = [torch.arange(s * per, (s + 1) * per).repeat(2) for s in range(sessions)]  # not class-sorted
     pet = AdapterSet.for_vit(vit, RANK, 0.0, 0.1).eval()
     with torch.no_grad():
@@ -124,7 +107,7 @@ def make_inputs(out: Path, seed: int, projection_dim: int, per_class: int) -> No
         order = torch.randperm(int(mine.sum()), generator=gen)  # the shuffled loader order
         features.append((feats[mine][order], labels_f[mine][order]))
     inputs = {
-        "meta": {"seed": seed, "made_with": versions(), "our_commit": git_commit(Path(__file__).resolve().parent)},
+        "meta": common.input_meta(seed),
         "vit": {k: v.clone() for k, v in vit.state_dict().items()},
         "adapter": adapter,
         "sigma": torch.tensor([SIGMA]),
@@ -197,21 +180,21 @@ def pilot_case(pilot_src: Path, inputs: dict[str, Any], case: str) -> Record:
             return chosen[-1]
 
         learner.optimise_ridge_parameter = keep
-        learner.replace_fc(one_batch(x, y), net, None)
+        learner.replace_fc(cwp.one_batch(x, y), net, None)
         net.eval()
         with torch.no_grad():
             out = net(data["test"][0])
             feature = net.extract_vector(data["test"][0])
         seen = data["test"][1] < (s + 1) * per
         record[f"s{s}"] = {
-            "feature": detached(feature),
-            "h": detached(out["features"]),
-            "G": detached(learner.G),
-            "Q": detached(learner.Q),
+            "feature": cwp.detached(feature),
+            "h": cwp.detached(out["features"]),
+            "G": cwp.detached(learner.G),
+            "Q": cwp.detached(learner.Q),
             "losses": torch.tensor(recorder.take(), dtype=torch.float64),
             "lambda": float(chosen[0]),
-            "readout": detached(net.fc.weight[: (s + 1) * per]),
-            "logits": detached(out["logits"][seen][:, : (s + 1) * per]),
+            "readout": cwp.detached(net.fc.weight[: (s + 1) * per]),
+            "logits": cwp.detached(out["logits"][seen][:, : (s + 1) * per]),
             "sigma": float(net.fc.sigma),
         }
     return record
@@ -221,33 +204,21 @@ def run_pilot(pilot_src: Path, inputs: dict[str, Any], case_fn: Callable[..., Re
     sys.path.insert(0, str(pilot_src.resolve()))
     shared_weights(inputs["vit"])
     return {
-        "meta": {**versions(), "side": "LAMDA-PILOT", "pilot_commit": git_commit(pilot_src)},
+        "meta": common.pilot_meta(pilot_src),
         "cases": {case: case_fn(pilot_src, inputs, case) for case in CASES},
     }
 
 
 # ----------------------------------------------------------------------------------------- our side
-class FixedSession:
-    """A session whose every stream is one batch, in the given order (PILOT's loader order)."""
-
-    def __init__(self, info: Any, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.info, self.x, self.y = info, x, y
-
-    def train_batches(self, batch_size: int, **_: Any) -> list[Any]:
-        return [our_batch(self.x, self.y, "train")]
-
-    def prototype_batches(self, batch_size: int) -> list[Any]:
-        return [our_batch(self.x, self.y, "train")]
-
-
 def our_learner(cls: Any, inputs: dict[str, Any], classes: int, sessions: int, identity: bool, **kwargs: Any) -> Any:
     from pilot.data.scenario import make_scenario
     from pilot.runtime import Runtime
 
     scenario = make_scenario(classes * sessions, classes, classes, class_order="natural")
     cpu = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-    backbone = our_backbone(inputs["vit"])
-    learner = cls.create(backbone, scenario, cpu, adapter_dropout=0.0, cache_features=False, **kwargs)
+    backbone = cwp.our_backbone(inputs["vit"])
+    sgd = partial(torch.optim.SGD, lr=0.01)  # required of a learner that trains; unused (session 0 is frozen here)
+    learner = cls.create(backbone, scenario, cpu, optimizer=sgd, adapter_dropout=0.0, cache_features=False, **kwargs)
     if identity:
         learner.tuned_features = lambda images: images  # the features stand in for the adapted ViT's output
     return learner
@@ -260,6 +231,18 @@ def start_session(learner: Any, info: Any, inputs: dict[str, Any]) -> None:
         load_values(our_pet(learner, "adapter"), inputs["adapter"])
         load_values({"sigma": learner.first_head.sigma}, {"sigma": inputs["sigma"]})
         learner.freeze_tuned()  # session 0's training is APER's (scripts/fidelity/aper.py)
+
+
+def our_sessions(learner: Any, inputs: dict[str, Any], data: Record) -> Iterator[tuple[Any, ...]]:
+    """Runs each session of ``learner`` on the case's training data, then yields (info, test x, test y, the test
+    samples of the seen classes) with the learner in eval mode."""
+    for info in learner.scenario.sessions:
+        learner.train()
+        start_session(learner, info, inputs)
+        learner.end_session(FakeSession(info, *data["train"][info.index]))
+        learner.eval()
+        x, y = data["test"]
+        yield info, x, y, y < info.total
 
 
 def our_case(inputs: dict[str, Any], case: str) -> Record:
@@ -282,24 +265,18 @@ def our_case(inputs: dict[str, Any], case: str) -> Record:
 
     ridge.select_ridge = spy  # type: ignore[assignment]
     record = {}
-    for info in learner.scenario.sessions:
-        learner.train()
-        start_session(learner, info, inputs)
-        learner.end_session(FixedSession(info, *data["train"][info.index]))
-        learner.eval()
-        x, y = data["test"]
-        seen = y < info.total
+    for info, x, y, seen in our_sessions(learner, inputs, data):
         with torch.no_grad():
             feature = learner.tuned_features(x)
         record[f"s{info.index}"] = {
-            "feature": detached(feature),
-            "h": detached(learner.statistics.expand(feature)),
-            "G": detached(learner.statistics.gram),
-            "Q": detached(learner.statistics.targets),
+            "feature": cwp.detached(feature),
+            "h": cwp.detached(learner.statistics.expand(feature)),
+            "G": cwp.detached(learner.statistics.gram),
+            "Q": cwp.detached(learner.statistics.targets),
             "losses": found[-1],
             "lambda": float(learner.ridge),
-            "readout": detached(learner.readout),
-            "logits": detached(learner.predict(our_batch(x[seen], y[seen], "test"))),
+            "readout": cwp.detached(learner.readout),
+            "logits": cwp.detached(learner.predict(cwp.our_batch(x[seen], y[seen], "test"))),
             "sigma": float(learner.first_head.sigma),
         }
     ridge.select_ridge = original  # type: ignore[assignment]
@@ -308,15 +285,15 @@ def our_case(inputs: dict[str, Any], case: str) -> Record:
 
 def run_ours(inputs: dict[str, Any], case_fn: Callable[..., Record] = our_case) -> Record:
     return {
-        "meta": {**versions(), "side": "ours", "our_commit": git_commit(Path(__file__).resolve().parent)},
+        "meta": common.our_meta(),
         "cases": {case: case_fn(inputs, case) for case in CASES},
     }
 
 
 # ------------------------------------------------------------------------------------------ compare
 def diff_cells(a: torch.Tensor, b: torch.Tensor) -> list[str]:
-    d = tensor_diff(a, b)
-    return [fmt(d["max_abs"]), fmt(d["rel"])]
+    d = cwp.tensor_diff(a, b)
+    return [cwp.fmt(d["max_abs"]), cwp.fmt(d["rel"])]
 
 
 def report(ours: Record, ref: Record) -> str:
@@ -332,13 +309,12 @@ def report(ours: Record, ref: Record) -> str:
                 + diff_cells(a["Q"], b["Q"])[1:]
                 + diff_cells(a["readout"], b["readout"])[1:]
                 + diff_cells(a["logits"], b["logits"])
-                + [same_count(a["logits"].argmax(1), b["logits"].argmax(1))]
+                + [cwp.same_count(a["logits"].argmax(1), b["logits"].argmax(1))]
             )
             ratio = (a["losses"] - b["losses"]).abs() / b["losses"].abs()
             pick = min(range(len(b["losses"])), key=lambda i: float(b["losses"][i]))
-            losses.append([case, session, fmt(float(ratio.max())), fmt(float(ratio[pick]))])
-    head = f"LAMDA-PILOT {ref['meta'].get('pilot_commit', '?')} (timm {ref['meta']['timm']}) vs ours "
-    head += f"{ours['meta'].get('our_commit', '?')} (timm {ours['meta']['timm']}); CPU, float32 "
+            losses.append([case, session, cwp.fmt(float(ratio.max())), cwp.fmt(float(ratio[pick]))])
+    head = f"{common.headline(ours, ref, 40)}; CPU, float32 "
     head += "(ours: G, Q, solves in float64; PILOT: float32)."
     return "\n".join(
         [
@@ -347,7 +323,7 @@ def report(ours: Record, ref: Record) -> str:
             "lambda: PILOT / ours; f (tuned feature of the test inputs), h = ReLU(f W), G, Q, W_o: relative L2",
             "||ours - PILOT|| / ||PILOT||; logits: max abs, rel; top-1: test predictions that agree.",
             "",
-            table(
+            cwp.table(
                 ["case", "session", "lambda", "f rel", "h rel", "G rel", "Q rel", "W_o rel"]
                 + ["logits max abs", "logits rel", "top-1"],
                 rows,
@@ -355,7 +331,7 @@ def report(ours: Record, ref: Record) -> str:
             "",
             "Held-out MSE of the lambda search: relative difference, worst candidate and PILOT's chosen one.",
             "",
-            table(["case", "session", "worst lambda", "chosen lambda"], losses),
+            cwp.table(["case", "session", "worst lambda", "chosen lambda"], losses),
         ]
     )
 
@@ -459,59 +435,36 @@ def scale_check(device: str, projection_dim: int, per_class: int, classes: int, 
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def add_make_arguments(parser: Any) -> None:
+    parser.add_argument("--projection-dim", type=int, default=2000)
+    parser.add_argument("--per-class", type=int, default=100)
+
+
+def add_scale_arguments(parser: Any) -> None:
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--projection-dim", type=int, default=10000)
+    parser.add_argument("--per-class", type=int, default=500)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--sessions", type=int, default=3)
+    parser.add_argument("--noise", type=float, default=1.0)
+    parser.add_argument("--out", type=Path)
+
+
+def run_scale(args: Any) -> None:
+    result = scale_check(args.device, args.projection_dim, args.per_class, args.classes, args.sessions, args.noise)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main(
-    argv: list[str] | None = None,
-    pilot_fn: Callable[[Path, dict[str, Any]], Record] = run_pilot,
-    ours_fn: Callable[[dict[str, Any]], Record] = run_ours,
+    pilot_fn: Callable[..., Record] = run_pilot,
+    ours_fn: Callable[..., Record] = run_ours,
     report_fn: Callable[[Record, Record], str] = report,
 ) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-inputs")
-    make.add_argument("--out", type=Path, required=True)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--projection-dim", type=int, default=2000)
-    make.add_argument("--per-class", type=int, default=100)
-    for name in ("pilot", "ours"):
-        p = sub.add_parser(name)
-        p.add_argument("--inputs", type=Path, required=True)
-        p.add_argument("--out", type=Path, required=True)
-        if name == "pilot":
-            p.add_argument("--pilot-src", type=Path, required=True)
-    scale = sub.add_parser("scale", help="full-size statistics on synthetic features (timing, memory, float32)")
-    scale.add_argument("--device", default="cuda")
-    scale.add_argument("--projection-dim", type=int, default=10000)
-    scale.add_argument("--per-class", type=int, default=500)
-    scale.add_argument("--classes", type=int, default=10)
-    scale.add_argument("--sessions", type=int, default=3)
-    scale.add_argument("--noise", type=float, default=1.0)
-    scale.add_argument("--out", type=Path)
-    compare = sub.add_parser("compare")
-    compare.add_argument("pilot_file", type=Path)
-    compare.add_argument("ours_file", type=Path)
-    compare.add_argument("--markdown", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "make-inputs":
-        make_inputs(args.out, args.seed, args.projection_dim, args.per_class)
-    elif args.command == "scale":
-        result = scale_check(args.device, args.projection_dim, args.per_class, args.classes, args.sessions, args.noise)
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
-    elif args.command in ("pilot", "ours"):
-        inputs = torch.load(args.inputs / "inputs.pt", weights_only=False)
-        run = pilot_fn(args.pilot_src, inputs) if args.command == "pilot" else ours_fn(inputs)
-        run["meta"]["inputs"] = inputs["meta"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(run, args.out)
-        print(f"wrote {args.out}")
-    else:
-        ours, ref = (torch.load(f, weights_only=False) for f in (args.ours_file, args.pilot_file))
-        text = report_fn(ours, ref)
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
+    """The command line of this script and of fecam.py (its own sides and report, the same inputs)."""
+    scale = ("full-size statistics on synthetic features (timing, memory, float32)", add_scale_arguments, run_scale)
+    common.main(__doc__, make_inputs, pilot_fn, ours_fn, report_fn, add_make_arguments=add_make_arguments,
+                commands={"scale": scale})  # fmt: skip
 
 
 if __name__ == "__main__":
