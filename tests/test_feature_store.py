@@ -249,30 +249,38 @@ def test_a_seed_sweep_computes_each_image_once_and_changes_no_number(tmp_path, m
     pd.testing.assert_frame_equal(cached.drop(columns=list(TIMING)), plain.drop(columns=list(TIMING)))
 
 
+def tiny_vit_setup(source: FeatureSource | None):
+    """A 2-block ViT of width 48 (seeded), 4 synthetic classes in two sessions, and a CPU runtime with
+    ``source`` as its feature store."""
+    from pilot.backbones.factory import create_timm_backbone
+    from pilot.data.datasets import synthetic
+    from pilot.data.pipeline import DataPipeline
+    from pilot.data.scenario import make_scenario
+    from pilot.data.transforms import ImageTransforms
+
+    torch.manual_seed(0)
+    backbone = create_timm_backbone(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        input_size=32,
+        model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
+    )
+    runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
+    runtime.feature_source = source
+    scenario = make_scenario(4, 2, 2)
+    return backbone, scenario, DataPipeline(synthetic(num_classes=4), scenario, ImageTransforms(32), runtime), runtime
+
+
 @pytest.mark.parametrize("method", ["l2p", "coda"])
 def test_prompt_learners_read_their_test_queries_from_the_store(tmp_path, method):
     """The query pass of the prompt learners (the frozen ViT's CLS feature) is a frozen function: with a
     feature source, a second learner reads the first one's test queries instead of running the ViT, and
     predicts exactly the same logits."""
     from pilot.api import make_learner
-    from pilot.backbones.factory import create_timm_backbone
-    from pilot.data.datasets import synthetic
-    from pilot.data.pipeline import TEST, DataPipeline
-    from pilot.data.scenario import make_scenario
-    from pilot.data.transforms import ImageTransforms
+    from pilot.data.pipeline import TEST
 
     def learner_and_batches():
-        torch.manual_seed(0)
-        backbone = create_timm_backbone(
-            "vit_tiny_patch16_224",
-            pretrained=False,
-            input_size=32,
-            model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
-        )
-        runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-        runtime.feature_source = FeatureSource(tmp_path, IDENTITY, 2**30)
-        scenario = make_scenario(4, 2, 2)
-        pipeline = DataPipeline(synthetic(num_classes=4), scenario, ImageTransforms(32), runtime)
+        backbone, scenario, pipeline, runtime = tiny_vit_setup(FeatureSource(tmp_path, IDENTITY, 2**30))
         extra = {"pool_size": 4, "top_k": 2} if method == "l2p" else {"pool_size": 4, "prompt_layers": [0, 1]}
         learner = make_learner(method, backbone, scenario, runtime, **extra).eval()
         learner.begin_session(scenario.sessions[0])
@@ -295,24 +303,10 @@ def test_aper_reads_its_pretrained_branch_from_the_store_and_changes_no_number(t
     from the store (SimpleCIL's key), computes only the tuned branch, and ends with the same head and logits
     as a run without a store."""
     from pilot.api import make_learner
-    from pilot.backbones.factory import create_timm_backbone
-    from pilot.data.datasets import synthetic
-    from pilot.data.pipeline import TEST, DataPipeline
-    from pilot.data.scenario import make_scenario
-    from pilot.data.transforms import ImageTransforms
+    from pilot.data.pipeline import TEST
 
     def session_zero(source: FeatureSource | None):
-        torch.manual_seed(0)
-        backbone = create_timm_backbone(
-            "vit_tiny_patch16_224",
-            pretrained=False,
-            input_size=32,
-            model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
-        )
-        runtime = Runtime(torch.device("cpu"), precision="fp32", progress=False)
-        runtime.feature_source = source
-        scenario = make_scenario(4, 2, 2)
-        pipeline = DataPipeline(synthetic(num_classes=4), scenario, ImageTransforms(32), runtime)
+        backbone, scenario, pipeline, runtime = tiny_vit_setup(source)
         learner = make_learner("aper_adapter", backbone, scenario, runtime, epochs=1, batch_size=8)
         learner.fit(pipeline.session(scenario.sessions[0]))
         logits = [learner.eval().predict(b) for b in pipeline.eval_batches(TEST, range(0, 2), 8)]
