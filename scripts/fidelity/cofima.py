@@ -38,7 +38,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import common
 import torch
@@ -65,22 +65,15 @@ def shared_timm_weights(vit: dict[str, torch.Tensor]) -> Iterator[None]:
         timm.create_model = original
 
 
-@contextlib.contextmanager
-def recorded_steps(store: list, names: dict[int, str]) -> Iterator[None]:
-    """``SGD.step`` records the groups' lrs and the named gradients, and leaves the parameters alone."""
-    original = torch.optim.SGD.step
+def recorded_steps(store: list, names: dict[int, str]) -> contextlib.AbstractContextManager[None]:
+    """``SGD.step`` records the groups' lrs and the named gradients (first step only), and leaves the
+    parameters alone."""
 
-    def step(self: torch.optim.SGD, closure: Callable | None = None) -> None:
-        grads = {
-            names[id(p)]: cwp.detached(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None
-        }
-        store.append({"lrs": [g["lr"] for g in self.param_groups], "grads": grads if not store else {}})
+    def record(optimizer: torch.optim.SGD) -> Record:
+        grads = common.named_grads(optimizer, names) if not store else {}
+        return {"lrs": [g["lr"] for g in optimizer.param_groups], "grads": grads}
 
-    torch.optim.SGD.step = step  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.optim.SGD.step = original  # type: ignore[method-assign]
+    return common.recorded_sgd_steps(store, record)
 
 
 def pilot_args(pilot_src: Path, name: str, **extra: Any) -> dict[str, Any]:

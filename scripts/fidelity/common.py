@@ -10,11 +10,12 @@ Every script's command line is ``make-inputs --out DIR [--seed N ...]``, ``pilot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (shared 2-core machines)
 SCRIPTS = str(Path(__file__).resolve().parents[1])
@@ -29,6 +30,30 @@ NUM_CLASSES, INCREMENT, DIM = 100, 10, 768  # CIFAR-100 B0Inc10 (the exps/*.json
 KNOWN, TOTAL = 10, 20  # the classes seen before and after session 1
 DIFF_HEADER = ["quantity", "shape", "max abs diff", "ref max abs", "rel L2 diff"]
 BASE_OPTIONS = {"make-inputs": ("out", "seed"), "pilot": ("inputs", "out", "pilot_src"), "ours": ("inputs", "out")}
+
+
+# ------------------------------------------------------------------------------------- recorders
+@contextlib.contextmanager
+def recorded_sgd_steps(store: list, record: Callable[[torch.optim.SGD], Record]) -> Iterator[None]:
+    """Within this context ``SGD.step`` appends ``record(optimizer)`` to ``store`` and leaves the parameters
+    alone (both sides then compare the same, untrained, weights at every step)."""
+    original = torch.optim.SGD.step
+
+    def step(self: torch.optim.SGD, closure: Callable | None = None) -> None:
+        store.append(record(self))
+
+    torch.optim.SGD.step = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.optim.SGD.step = original  # type: ignore[method-assign]
+
+
+def named_grads(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """The gradients of the optimiser's parameters, by the names ``names`` gives their ids."""
+    return {
+        names[id(p)]: cwp.detached(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+    }
 
 
 # ------------------------------------------------------------------------------------------ inputs

@@ -37,7 +37,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import common
 import torch
@@ -132,24 +132,15 @@ def pilot_args(pilot_src: Path, name: str) -> Record:
     return args
 
 
-@contextlib.contextmanager
-def recorded_steps(store: list, names: dict[int, str]) -> Iterator[None]:
+def recorded_steps(store: list, names: dict[int, str]) -> contextlib.AbstractContextManager[None]:
     """``SGD.step`` records the named gradients and the groups' settings, and leaves the parameters alone."""
-    original = torch.optim.SGD.step
 
-    def step(self: torch.optim.SGD, closure: Callable | None = None) -> None:
-        grads = {
-            names[id(p)]: cwp.detached(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None
-        }
-        settings = [{k: g[k] for k in ("lr", "momentum", "weight_decay")} for g in self.param_groups]
-        count = sum(p.numel() for g in self.param_groups for p in g["params"])
-        store.append({"grads": grads, "settings": settings, "in_optimizer": count})
+    def record(optimizer: torch.optim.SGD) -> Record:
+        settings = [{k: g[k] for k in ("lr", "momentum", "weight_decay")} for g in optimizer.param_groups]
+        count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        return {"grads": common.named_grads(optimizer, names), "settings": settings, "in_optimizer": count}
 
-    torch.optim.SGD.step = step  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.optim.SGD.step = original  # type: ignore[method-assign]
+    return common.recorded_sgd_steps(store, record)
 
 
 @contextlib.contextmanager
